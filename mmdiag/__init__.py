@@ -1,0 +1,26 @@
+"""mmdiag: diagnose, fix and gate modality imbalance in multimodal classifiers.
+
+The public API::
+
+    import mmdiag
+    report = mmdiag.analyze(model, data)          # data: Dataset, DataLoader or dict of arrays
+    print(report.verdict.headline())
+"""
+
+from mmdiag._version import __version__
+from mmdiag.adapter import ModelAdapter
+from mmdiag.api import analyze, analyze_evidence
+from mmdiag.collect import CollectSettings, collect
+from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic, register_diagnostic
+from mmdiag.errors import (AdapterError, ConfigError, EvidenceError, GateError, LoadError, MmdiagError,
+                           TrainError)
+from mmdiag.evidence import Evidence
+from mmdiag.report import Failure, Report, Result, Verdict
+from mmdiag.verdict import VerdictThresholds
+
+__all__ = [
+    "__version__", "analyze", "analyze_evidence", "collect", "CollectSettings", "ModelAdapter", "Evidence",
+    "Report", "Result", "Failure", "Verdict", "VerdictThresholds", "Diagnostic", "DIAGNOSTICS",
+    "register_diagnostic", "MmdiagError", "ConfigError", "LoadError", "AdapterError", "EvidenceError",
+    "GateError", "TrainError",
+]

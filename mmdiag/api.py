@@ -1,0 +1,205 @@
+"""The Python API that the CLI is a thin layer over.
+
+``analyze(model, data, ...)`` drives the user's model through a :class:`~mmdiag.adapter.ModelAdapter`,
+collects the evidence the chosen diagnostics need in one pass, computes them, and returns a
+:class:`~mmdiag.report.Report` with a verdict. ``analyze_evidence`` does the second half on evidence
+saved earlier (a GPU job collects, a CPU job diagnoses).
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mmdiag._version import __version__
+from mmdiag.adapter import ModelAdapter
+from mmdiag.collect import CollectSettings, ProgressFn, collect
+from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic
+from mmdiag.errors import ConfigError, EvidenceError, MmdiagError
+from mmdiag.evidence import ENCODER_KINDS, Evidence
+from mmdiag.report import Failure, Report, Result
+from mmdiag.verdict import VerdictThresholds, judge
+
+
+def select_diagnostics(only: Sequence[str] | None = None, skip: Sequence[str] | None = None) -> list[str]:
+    """Names to run: ``only`` (validated) or the default suite, minus ``skip``, ordered so that
+    a diagnostic that reads other results (``uses``) runs after them."""
+    for name in list(only or []) + list(skip or []):
+        DIAGNOSTICS.get(name)  # raises with the closest name
+    names = list(only) if only else [n for n in DIAGNOSTICS.names() if DIAGNOSTICS.get(n).default]
+    names = [n for n in names if n not in set(skip or [])]
+    if not names:
+        raise ConfigError("No diagnostic is selected (check --only and --skip).")
+    ordered: list[str] = []
+    pending = list(names)
+    while pending:
+        for n in pending:
+            if not any(u in pending and u != n for u in DIAGNOSTICS.get(n).uses):
+                ordered.append(n)
+                pending.remove(n)
+                break
+        else:  # a cycle: keep the given order
+            ordered.extend(pending)
+            break
+    return ordered
+
+
+def build_diagnostics(names: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None = None,
+                      bootstrap: int = 1000, seed: int = 0) -> list[Diagnostic]:
+    """Instantiate diagnostics with their parameters; unknown parameters are a ConfigError."""
+    params = dict(params or {})
+    unknown = set(params) - set(DIAGNOSTICS.names())
+    if unknown:
+        DIAGNOSTICS.get(sorted(unknown)[0])
+    out = []
+    for n in names:
+        cls = DIAGNOSTICS.get(n)
+        kw = dict(params.get(n, {}))
+        bad = [k for k in kw if k not in cls.param_names()]
+        if bad:
+            raise ConfigError(
+                f"Diagnostic {n!r} has no parameter {bad[0]!r}; its parameters are: "
+                f"{', '.join(cls.param_names()) or '(none)'}."
+            )
+        try:
+            out.append(cls(bootstrap=bootstrap, seed=seed, **kw))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"Bad parameters for diagnostic {n!r}: {exc}") from None
+    return out
+
+
+def as_dataset(data: Any, modalities: Sequence[str] | None, nan_policy: str = "error") -> Dataset | DataLoader:
+    """Accept a Dataset, a DataLoader, or a mapping of arrays (modalities plus ``label``)."""
+    if isinstance(data, (Dataset, DataLoader)):
+        return data
+    if isinstance(data, Mapping):
+        from mmdiag.loading import dataset_from_arrays
+
+        return dataset_from_arrays(data, modalities, nan_policy=nan_policy)
+    raise ConfigError(
+        f"data must be a torch Dataset, a DataLoader, or a dict of arrays with a 'label' entry; found {type(data).__name__}."
+    )
+
+
+def run_diagnostics(ev: Evidence, diagnostics: Sequence[Diagnostic]) -> tuple[dict[str, Result], list[Failure]]:
+    """Compute each diagnostic; a crash or missing evidence becomes a Failure, not a dead run."""
+    results: dict[str, Result] = {}
+    failures: list[Failure] = []
+    unavailable = ev.meta.get("unavailable", {})
+    for d in diagnostics:
+        missing = [k for k in d.needs if not ev.has(k)]
+        if missing:
+            reason = "; ".join(f"{k}: {unavailable.get(k, 'not collected')}" for k in missing)
+            kind = "skipped" if any(k in ENCODER_KINDS for k in missing) and not ev.meta.get("encoders") else "error"
+            failures.append(Failure(d.name, f"needs {', '.join(missing)} evidence ({reason})", kind))
+            continue
+        try:
+            results[d.name] = d.compute(ev, results)
+        except MmdiagError as exc:
+            failures.append(Failure(d.name, str(exc), "error"))
+        except Exception as exc:  # noqa: BLE001 - a crashing diagnostic must not kill the run
+            failures.append(Failure(d.name, f"{type(exc).__name__}: {exc}", "error"))
+    return results, failures
+
+
+def analyze_evidence(ev: Evidence, *, only: Sequence[str] | None = None, skip: Sequence[str] | None = None,
+                     params: Mapping[str, Mapping[str, Any]] | None = None, bootstrap: int = 1000, seed: int = 0,
+                     thresholds: VerdictThresholds | None = None,
+                     settings: Mapping[str, Any] | None = None) -> Report:
+    """Diagnose collected evidence and judge it; see :func:`analyze`."""
+    names = select_diagnostics(only, skip)
+    diagnostics = build_diagnostics(names, params, bootstrap, seed)
+    results, failures = run_diagnostics(ev, diagnostics)
+    t = thresholds or VerdictThresholds()
+    verdict = judge(results, ev.modalities, t)
+    return Report(
+        modalities=list(ev.modalities),
+        n_samples=ev.n_samples,
+        accuracy=float(ev.correct().mean()),
+        settings={
+            **dict(settings or {}),
+            "mask": ev.meta.get("mask"),
+            "mask_at": ev.meta.get("mask_at"),
+            "seed": seed,
+            "bootstrap": bootstrap,
+            "diagnostics": names,
+            "params": {d.name: d.params() for d in diagnostics},
+            "thresholds": t.__dict__,
+            "adapter": {k: ev.meta.get(k) for k in ("call", "encoders", "head", "notes")},
+            "collect": ev.meta.get("settings"),
+            "device": ev.meta.get("device"),
+            "head_split": ev.meta.get("head_split"),
+            "versions": {"mmdiag": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+        },
+        diagnostics=results,
+        failures=failures,
+        verdict=verdict,
+        mmdiag_version=__version__,
+    )
+
+
+def analyze(
+    model: nn.Module,
+    data: Any,
+    *,
+    modalities: Sequence[str] | None = None,
+    call: str | None = None,
+    encoders: Mapping[str, str] | None = None,
+    head: str | None = None,
+    mask: str = "zero",
+    mask_at: str | None = None,
+    only: Sequence[str] | None = None,
+    skip: Sequence[str] | None = None,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    collect_settings: CollectSettings | None = None,
+    thresholds: VerdictThresholds | None = None,
+    nan_policy: str = "error",
+    settings: Mapping[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+    return_evidence: bool = False,
+) -> Report | tuple[Report, Evidence]:
+    """Diagnose modality imbalance of a trained multimodal classifier.
+
+    Args:
+        model: the user's ``nn.Module`` returning logits [B, C] (or a dict/tuple holding them).
+        data: a Dataset of dict items (modalities + ``label``), a DataLoader, or a dict of arrays.
+        modalities: names in positional order; inferred from the data when None.
+        call, encoders, head, mask, mask_at: how to drive the model (see :class:`ModelAdapter`).
+        only, skip: diagnostic selection (default: the default suite).
+        params: diagnostic name -> parameter overrides.
+        bootstrap, seed: bootstrap resamples and the seed of everything random.
+        collect_settings: batch size, device and sampling caps (its seed is replaced by ``seed``).
+        thresholds: verdict thresholds.
+        nan_policy: ``error`` or ``skip`` for samples with NaN/Inf inputs (dict-of-arrays data).
+        settings: extra facts recorded in the report (model/checkpoint/data specs).
+        progress: ``progress(stage, done, total)`` callback.
+        return_evidence: also return the collected :class:`Evidence`.
+    """
+    dataset = as_dataset(data, modalities, nan_policy)
+    if modalities is None:
+        modalities = getattr(dataset, "modalities", None) or getattr(getattr(dataset, "dataset", None), "modalities", None)
+        if modalities is None:
+            raise ConfigError("Cannot infer the modalities from this data; pass modalities=[...] (--modalities a,b).")
+    adapter = ModelAdapter(model, tuple(modalities), call=call,  # type: ignore[arg-type]
+                           encoders=dict(encoders) if encoders else None, head=head,
+                           mask=mask, mask_at=mask_at, seed=seed)  # type: ignore[arg-type]
+    names = select_diagnostics(only, skip)
+    diagnostics = build_diagnostics(names, params, bootstrap, seed)
+    needs = set().union(*(d.needs for d in diagnostics))
+    cs = collect_settings or CollectSettings()
+    cs = CollectSettings(**{**cs.__dict__, "seed": seed})
+    ev = collect(adapter, dataset, needs, cs, progress)
+    report = analyze_evidence(ev, only=names, params=params, bootstrap=bootstrap, seed=seed,
+                              thresholds=thresholds, settings=settings)
+    dropped = getattr(dataset, "dropped", 0)
+    if dropped:
+        report.settings["nan_dropped"] = int(dropped)
+    return (report, ev) if return_evidence else report

@@ -1,0 +1,622 @@
+"""collect: the only place that runs the model for diagnosis.
+
+One streaming pass over the evaluation data gathers every kind of evidence the requested
+diagnostics need (see :data:`mmdiag.evidence.EVIDENCE_KINDS`):
+
+* clean logits, and with feature-level masking the encoder outputs of the batch, which are then
+  reused for all 2^M subsets and for the permutations (fusion-head calls, not full forwards);
+* on seeded random subsamples (caps in :class:`CollectSettings`): pooled features, gradients of the
+  fused loss with respect to the encoder outputs and parameters (``torch.autograd.grad``: no
+  ``.grad`` is written and no parameter changes), inputs corrupted at a grid of noise levels, and
+  Integrated-Gradients attributions.
+
+Rows are visited in a seeded shuffled order (so within-batch permutations mix classes even when
+the file is sorted by label); ``Evidence.index`` maps each row back to the dataset index. An
+optional evidence kind that fails (say, Integrated Gradients on integer token inputs) does not stop
+the pass: the reason is stored in ``meta['unavailable']`` and the diagnostics that need it fail
+with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mmdiag.adapter import MaskStats, ModelAdapter, first_tensor, map_tensors, pool, unwrap
+from mmdiag.errors import AdapterError, ConfigError, EvidenceError
+from mmdiag.evidence import ENCODER_KINDS, EVIDENCE_KINDS, Evidence, members
+
+#: progress(stage, done, total) is called as batches finish; total may be None.
+ProgressFn = Callable[[str, int, "int | None"], None]
+
+_EXTRA_KEYS = ("ood", "index")
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """How evidence is gathered. Defaults keep the default suite within a few evaluation passes.
+
+    Attributes:
+        batch_size: rows per batch.
+        num_workers: DataLoader worker processes.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        seed: seeds the row order, subsamples, masks, permutations and noise.
+        max_feature_samples: cap on rows whose pooled features are kept (probes, prototypes, MDI entropy).
+        max_grad_samples: cap on rows used for gradient evidence.
+        max_noise_samples: cap on rows corrupted at every noise level (UDML).
+        max_attribution_samples: cap on rows attributed with Integrated Gradients.
+        stats_samples: rows used to estimate the mean/std masks and the data scale.
+        permutations: K, permutations per modality for the perceptual score.
+        noise_levels: integer noise levels; level 1 is clean.
+        noise_step: noise std at level l is ``noise_step * (l - 1)`` times the modality's data std.
+        ig_steps: Integrated-Gradients steps.
+        max_subsets: refuse more than this many subsets (2^M) unless raised.
+    """
+
+    batch_size: int = 256
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+    max_feature_samples: int = 2000
+    max_grad_samples: int = 2048
+    max_noise_samples: int = 1000
+    max_attribution_samples: int = 256
+    stats_samples: int = 2048
+    permutations: int = 5
+    noise_levels: tuple[int, ...] = tuple(range(1, 12))
+    noise_step: float = 0.2
+    ig_steps: int = 32
+    max_subsets: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "permutations", "ig_steps", "max_subsets"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1; found {getattr(self, name)}.")
+        for name in ("num_workers", "max_feature_samples", "max_grad_samples", "max_noise_samples",
+                     "max_attribution_samples", "stats_samples"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0; found {getattr(self, name)}.")
+        if not self.noise_levels or min(self.noise_levels) < 1:
+            raise ConfigError(f"noise levels must be integers >= 1 (1 = clean); found {self.noise_levels}.")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; explicit names are checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; found {name!r}.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device cpu.")
+    return device
+
+
+def split_batch(batch: Any, modalities: Sequence[str]) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+    """(inputs, labels, extras) from a batch that is a dict with 'label' or a (dict, labels) pair."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Mapping):
+        items, labels = dict(batch[0]), batch[1]
+    elif isinstance(batch, Mapping):
+        items = dict(batch)
+        key = "label" if "label" in items else "labels" if "labels" in items else None
+        if key is None:
+            raise EvidenceError(
+                f"A data batch has keys {sorted(items)} but no 'label'; items must be (dict, label) "
+                "pairs or dicts with a 'label' key."
+            )
+        labels = items.pop(key)
+    else:
+        raise EvidenceError(
+            f"A data batch is a {type(batch).__name__}; expected (dict_of_tensors, labels) or a dict "
+            "with modality tensors and 'label'."
+        )
+    missing = [m for m in modalities if m not in items]
+    if missing:
+        raise EvidenceError(
+            f"The data has no modality {', '.join(map(repr, missing))}; its keys are "
+            f"{sorted(k for k in items if k not in _EXTRA_KEYS)}. Check --modalities."
+        )
+    inputs = {m: torch.as_tensor(items[m]) for m in modalities}
+    extras = {k: torch.as_tensor(items[k]) for k in _EXTRA_KEYS if k in items}
+    return inputs, torch.as_tensor(labels).long().reshape(-1), extras
+
+
+def make_loader(data: Dataset | DataLoader, settings: CollectSettings, rows: Sequence[int] | None = None) -> tuple[DataLoader, list[int] | None]:
+    """A loader over ``data`` in a seeded shuffled order (or over ``rows``); DataLoaders pass through."""
+    if isinstance(data, DataLoader):
+        return data, None
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError("The dataset has no length; pass a DataLoader or a map-style Dataset.") from None
+    if rows is None:
+        g = torch.Generator().manual_seed(settings.seed)
+        rows = torch.randperm(n, generator=g).tolist()
+    loader = DataLoader(
+        data, batch_size=settings.batch_size, sampler=list(rows), num_workers=settings.num_workers
+    )
+    return loader, list(rows)
+
+
+def _pick(n: int | None, cap: int, seed: int) -> set[int] | None:
+    """A seeded random set of ``cap`` row numbers out of ``n`` (None: all rows; n unknown: the first)."""
+    if n is None:
+        return set(range(cap))
+    if cap >= n:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return set(torch.randperm(n, generator=g)[:cap].tolist())
+
+
+def _rows_in(offset: int, size: int, chosen: set[int] | None, cap: int) -> Tensor:
+    """Positions within a batch whose global row number is in ``chosen`` (all when None)."""
+    if cap == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if chosen is None:
+        return torch.arange(size)
+    return torch.tensor([i for i in range(size) if offset + i in chosen], dtype=torch.long)
+
+
+def _take(obj: Any, rows: Tensor) -> Any:
+    return map_tensors(lambda t: t[rows.to(t.device)], obj)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; the previous train/eval flags of every submodule are restored."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _check_finite(logits: Tensor, what: str) -> None:
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bad.any():
+        raise EvidenceError(
+            f"The model produced NaN or Inf logits for {int(bad.sum())} of {logits.shape[0]} samples "
+            f"({what}). Check the inputs' scale, the checkpoint, and the mask (--mask zero|mean|noise)."
+        )
+
+
+class _Collector:
+    """State of one collection pass; :func:`collect` is its public face."""
+
+    def __init__(self, adapter: ModelAdapter, needs: set[str], settings: CollectSettings,
+                 progress: ProgressFn | None) -> None:
+        self.adapter = adapter
+        self.needs = needs
+        self.s = settings
+        self.progress = progress
+        self.device = resolve_device(settings.device)
+        self.gen = torch.Generator().manual_seed(settings.seed + 1)
+        self.unavailable: dict[str, str] = {}
+        self.data_std: dict[str, float] = {}
+        self.head_split_cols: list[tuple[int, int]] | None = None
+
+    # -------------------------------------------------------------- helpers
+    def _tick(self, stage: str, done: int, total: int | None) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+    def _fail(self, kind: str, exc: Exception) -> None:
+        self.needs.discard(kind)
+        self.unavailable[kind] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (EvidenceError, AdapterError)) else str(exc)
+
+    def _batches(self, loader: DataLoader, limit: int | None = None) -> Iterator[tuple[int, dict[str, Tensor], Tensor, dict[str, Tensor]]]:
+        offset = 0
+        for batch in loader:
+            inputs, labels, extras = split_batch(batch, self.adapter.modalities)
+            inputs = {m: t.to(self.device) for m, t in inputs.items()}
+            yield offset, inputs, labels.to(self.device), extras
+            offset += labels.shape[0]
+            if limit is not None and offset >= limit:
+                return
+
+    # -------------------------------------------------------------- stats pass
+    def estimate_stats(self, loader: DataLoader) -> None:
+        """Per-element mean/std of inputs (and encoder outputs) for the mean/noise masks and noise scale."""
+        a = self.adapter
+        sums: dict[str, list[Any]] = {}
+        count = 0
+        feat_sums: dict[str, list[Tensor]] = {}
+        with torch.no_grad():
+            for _, inputs, _, _ in self._batches(loader, self.s.stats_samples):
+                for m, x in inputs.items():
+                    xf = x.double()
+                    acc = sums.setdefault(m, [0.0, 0.0])
+                    acc[0] = acc[0] + xf.sum(0)
+                    acc[1] = acc[1] + (xf * xf).sum(0)
+                if a.mask_at == "feature" and a.needs_stats():
+                    _, feats = a.encode(inputs)
+                    for m, f in feats.items():
+                        if isinstance(f, Tensor):
+                            ff = f.double()
+                            acc2 = feat_sums.setdefault(m, [0.0, 0.0])  # type: ignore[list-item]
+                            acc2[0] = acc2[0] + ff.sum(0)
+                            acc2[1] = acc2[1] + (ff * ff).sum(0)
+                count += next(iter(inputs.values())).shape[0]
+        if count == 0:
+            raise EvidenceError("The dataset is empty: there is nothing to evaluate.")
+
+        def finish(acc: list[Any]) -> tuple[Tensor, Tensor]:
+            mean = acc[0] / count
+            var = (acc[1] / count - mean * mean).clamp_min(0.0)
+            return mean.float(), var.sqrt().float()
+
+        a.input_stats = MaskStats()
+        for m, acc in sums.items():
+            mean, std = finish(acc)
+            a.input_stats.mean[m], a.input_stats.std[m] = mean, std
+            total_mean = acc[0].sum() / (count * mean.numel())
+            total_var = acc[1].sum() / (count * mean.numel()) - total_mean**2
+            self.data_std[m] = float(total_var.clamp_min(0.0).sqrt())
+        a.feature_stats = MaskStats()
+        for m, acc in feat_sums.items():
+            mean, std = finish(acc)
+            a.feature_stats.mean[m], a.feature_stats.std[m] = mean, std
+
+    # -------------------------------------------------------------- head split
+    def detect_concat_linear_head(self, inputs: Mapping[str, Tensor]) -> None:
+        """Enable OGM's head split when the head is one Linear layer over the concatenated pooled features."""
+        a = self.adapter
+        if not a.encoders or a.head is None:
+            return
+        head = dict(unwrap(a.model).named_modules())[a.head]
+        if not isinstance(head, torch.nn.Linear):
+            return
+        seen: dict[str, Tensor] = {}
+        handle = head.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+        try:
+            with torch.no_grad():
+                _, feats = a.encode(inputs)
+        finally:
+            handle.remove()
+        if "x" not in seen:
+            return
+        pooled = [pool(feats[m]) for m in a.modalities]
+        cat = torch.cat(pooled, dim=1)
+        if seen["x"].shape == cat.shape and torch.allclose(seen["x"], cat, atol=1e-5):
+            cols, start = [], 0
+            for p in pooled:
+                cols.append((start, start + p.shape[1]))
+                start += p.shape[1]
+            self.head_split_cols = cols
+            self.head_module = head
+
+    def head_split(self, feats: Mapping[str, Any]) -> Tensor:
+        """[M, B, C] R1 readouts z_m = W_m h_m + b / M of a linear concat head."""
+        w, b = self.head_module.weight, self.head_module.bias
+        m_count = len(self.adapter.modalities)
+        out = []
+        for (lo, hi), m in zip(self.head_split_cols or [], self.adapter.modalities):
+            z = pool(feats[m]) @ w[:, lo:hi].T
+            if b is not None:
+                z = z + b / m_count
+            out.append(z)
+        return torch.stack(out)
+
+    # -------------------------------------------------------------- per-batch pieces
+    def subsets(self, inputs: Mapping[str, Tensor], feats: Mapping[str, Any] | None, logits: Tensor) -> Tensor:
+        a = self.adapter
+        full = (1 << len(a.modalities)) - 1
+        out = []
+        for mask in range(full + 1):
+            if mask == full:
+                out.append(logits)
+                continue
+            z = a.subset_logits(inputs, members(mask, a.modalities), feats, self.gen)
+            _check_finite(z, f"modalities present: {'+'.join(members(mask, a.modalities)) or 'none'}")
+            out.append(z)
+        return torch.stack(out)
+
+    def permutations(self, inputs: Mapping[str, Tensor], feats: Mapping[str, Any] | None,
+                     labels: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.adapter
+        b = labels.shape[0]
+        correct = torch.zeros(self.s.permutations, len(a.modalities), b, dtype=torch.bool)
+        nll = torch.zeros(self.s.permutations, len(a.modalities), b)
+        for k in range(self.s.permutations):
+            for j, m in enumerate(a.modalities):
+                perm = torch.randperm(b, generator=self.gen).to(labels.device)
+                if a.mask_at == "feature" and feats is not None:
+                    shuffled = dict(feats)
+                    shuffled[m] = map_tensors(lambda t: t[perm], feats[m])
+                    z = a.head_forward(inputs, shuffled)
+                else:
+                    shuffled_in = dict(inputs)
+                    shuffled_in[m] = inputs[m][perm]
+                    z = a.call_model(shuffled_in)
+                correct[k, j] = (z.argmax(-1) == labels).cpu()
+                nll[k, j] = F.cross_entropy(z.float(), labels, reduction="none").cpu()
+        return correct, nll
+
+    def gradients(self, inputs: Mapping[str, Tensor], labels: Tensor) -> dict[str, Any]:
+        """Feature gradient x activation, and encoder-parameter gradients of fused and unimodal losses."""
+        a = self.adapter
+        out: dict[str, Any] = {}
+        with torch.enable_grad():
+            if "grad_x_act" in self.needs:
+                with torch.no_grad():
+                    _, feats = a.encode(inputs)
+                leaves = {m: map_tensors(lambda t: t.detach().float().requires_grad_(True), feats[m]) for m in a.modalities}
+                z = a.head_forward(inputs, leaves)
+                loss = F.cross_entropy(z.float(), labels, reduction="sum")
+                tensors = [first_tensor(leaves[m]) for m in a.modalities]
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+                gxa = []
+                for h, g in zip(tensors, grads):
+                    if g is None:
+                        gxa.append(torch.zeros(h.shape[0], device=h.device))
+                    else:
+                        gxa.append((g * h).flatten(1).sum(1).abs())
+                out["grad_x_act"] = torch.stack(gxa, dim=1).detach().cpu()
+            if "param_grads" in self.needs:
+                z, feats = a.encode(inputs)
+                fused = F.cross_entropy(z.float(), labels)
+                cos, norms, fused_grads = [], [], []
+                for m in a.modalities:
+                    params = [p for p in a.encoder_module(m).parameters() if p.requires_grad]
+                    if not params:
+                        raise EvidenceError(
+                            f"The encoder of {m!r} has no trainable parameters (frozen), so parameter "
+                            "gradients are undefined."
+                        )
+                    g_f = torch.autograd.grad(fused, params, retain_graph=True, allow_unused=True)
+                    only = a.head_forward(inputs, a.masked_features(feats, [m], self.gen))
+                    g_u = torch.autograd.grad(F.cross_entropy(only.float(), labels), params,
+                                              retain_graph=True, allow_unused=True)
+                    vf = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(g_f, params)])
+                    vu = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(g_u, params)])
+                    denom = vf.norm() * vu.norm()
+                    cos.append(float((vf @ vu) / denom) if denom > 0 else 0.0)
+                    fused_grads.append(vf.detach().cpu())
+                out["grad_cosine"] = torch.tensor(cos)
+                out["fused_param_grads"] = fused_grads
+        return out
+
+    def noise_features(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """modality -> [L, b, d] pooled features of that modality's encoder with its input corrupted."""
+        a = self.adapter
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for m in a.modalities:
+                scale = self.data_std.get(m, 1.0) or 1.0
+                levels = []
+                for level in self.s.noise_levels:
+                    noisy = dict(inputs)
+                    x = inputs[m].float()
+                    noise = torch.randn(x.shape, generator=self.gen).to(x.device)
+                    noisy[m] = (x + noise * (self.s.noise_step * (level - 1) * scale)).to(inputs[m].dtype)
+                    with a.capture() as captured:
+                        a.call_model(noisy)
+                    levels.append(pool(captured[m]).float().cpu())
+                out[m] = torch.stack(levels)
+        return out
+
+    def attribution(self, inputs: Mapping[str, Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+        """[b, M] summed |IG attribution| per modality and [b] convergence deltas (captum)."""
+        from captum.attr import IntegratedGradients
+
+        a = self.adapter
+        for m in a.modalities:
+            if not torch.is_floating_point(inputs[m]):
+                raise EvidenceError(
+                    f"Integrated Gradients needs floating-point inputs; modality {m!r} is {inputs[m].dtype}."
+                )
+        xs = tuple(inputs[m].float() for m in a.modalities)
+        base = a.masked_inputs(inputs, [], self.gen)
+        baselines = tuple(base[m].float() for m in a.modalities)
+
+        def forward(*tensors: Tensor) -> Tensor:
+            return a.call_model(dict(zip(a.modalities, tensors)))
+
+        ig = IntegratedGradients(forward)
+        with torch.enable_grad():
+            attrs, delta = ig.attribute(
+                xs, baselines=baselines, target=labels, n_steps=self.s.ig_steps,
+                internal_batch_size=self.s.batch_size, return_convergence_delta=True,
+            )
+        mass = torch.stack([t.detach().abs().flatten(1).sum(1) for t in attrs], dim=1)
+        return mass.cpu(), delta.detach().abs().cpu()
+
+
+def collect(
+    adapter: ModelAdapter,
+    data: Dataset | DataLoader,
+    needs: Iterable[str],
+    settings: CollectSettings | None = None,
+    progress: ProgressFn | None = None,
+) -> Evidence:
+    """Run the model over ``data`` once and gather the evidence kinds in ``needs``.
+
+    Args:
+        adapter: drives the model (its modalities, call convention, encoders, masking).
+        data: a map-style Dataset of dict items (visited in a seeded shuffled order) or a DataLoader.
+        needs: evidence kinds (keys of :data:`~mmdiag.evidence.EVIDENCE_KINDS`).
+        settings: caps, seeds, batch size and device.
+        progress: optional callback ``progress(stage, done, total)``.
+
+    Returns:
+        The :class:`~mmdiag.evidence.Evidence`. The model's parameters, gradients, train/eval
+        flags and hooks are left as they were.
+    """
+    s = settings or CollectSettings()
+    wanted = set(needs)
+    unknown = wanted - set(EVIDENCE_KINDS)
+    if unknown:
+        raise ConfigError(f"Unknown evidence kinds {sorted(unknown)}; known: {sorted(EVIDENCE_KINDS)}.")
+    m_count = len(adapter.modalities)
+    if "subsets" in wanted and (1 << m_count) > s.max_subsets:
+        raise ConfigError(
+            f"{m_count} modalities give {1 << m_count} subsets, more than the limit {s.max_subsets}. "
+            "Raise --max-subsets if you accept the cost, or skip shapley/combinations/reliance/unimodal."
+        )
+    col = _Collector(adapter, wanted, s, progress)
+    loader, rows = make_loader(data, s)
+    n_total = len(rows) if rows is not None else None
+    model = adapter.model
+    original_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.to(col.device)
+    try:
+        with eval_mode(model):
+            first = next(iter(col._batches(loader)), None)
+            if first is None:
+                raise EvidenceError("The dataset is empty: there is nothing to evaluate.")
+            adapter.verify(first[1])
+            if not adapter.has_encoders:
+                for kind in sorted(wanted & ENCODER_KINDS):
+                    col.unavailable[kind] = (
+                        "needs the encoder of each modality; the model is a black box to mmdiag "
+                        "(name encoders with --encoder MODALITY=MODULE)"
+                    )
+                wanted -= ENCODER_KINDS
+            if adapter.needs_stats() or "noise_features" in wanted:
+                col.estimate_stats(loader)
+            col.detect_concat_linear_head(first[1])
+            return _main_pass(col, loader, rows, n_total)
+    finally:
+        model.to(original_device)
+
+
+def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_total: int | None) -> Evidence:
+    a, s, wanted = col.adapter, col.s, col.needs
+    pick_feat = _pick(n_total, s.max_feature_samples, s.seed + 11)
+    pick_grad = _pick(n_total, s.max_grad_samples, s.seed + 12)
+    pick_noise = _pick(n_total, s.max_noise_samples, s.seed + 13)
+    pick_attr = _pick(n_total, s.max_attribution_samples, s.seed + 14)
+    acc: dict[str, list[Any]] = {k: [] for k in (
+        "labels", "logits", "index", "ood", "subsets", "feat_rows", "grad_rows", "gxa", "cos", "cos_n",
+        "noise_rows", "attr_rows", "attr", "delta", "perm_correct", "perm_nll", "split")}
+    feats_acc: dict[str, list[Tensor]] = {m: [] for m in a.modalities}
+    noise_acc: dict[str, list[Tensor]] = {m: [] for m in a.modalities}
+    fused_grad_sum: list[Tensor] | None = None
+    grad_rows_seen = 0
+    with torch.no_grad():
+        for offset, inputs, labels, extras in col._batches(loader):
+            b = labels.shape[0]
+            if a.has_encoders:
+                logits, feats = a.encode(inputs)
+            else:
+                logits, feats = a.call_model(inputs), None
+            _check_finite(logits, "all modalities present")
+            acc["labels"].append(labels.cpu())
+            acc["logits"].append(logits.float().cpu())
+            if "index" in extras:
+                acc["index"].append(extras["index"].long().reshape(-1))
+            elif rows is not None:
+                acc["index"].append(torch.tensor(rows[offset:offset + b]))
+            else:
+                acc["index"].append(torch.arange(offset, offset + b))
+            if "ood" in extras:
+                acc["ood"].append(extras["ood"].bool().reshape(-1))
+            if "subsets" in wanted:
+                acc["subsets"].append(col.subsets(inputs, feats, logits).float().cpu())
+            if col.head_split_cols is not None and feats is not None:
+                acc["split"].append(col.head_split(feats).float().cpu())
+            if "permutations" in wanted:
+                c, n = col.permutations(inputs, feats, labels)
+                acc["perm_correct"].append(c)
+                acc["perm_nll"].append(n)
+            if "features" in wanted and feats is not None:
+                r = _rows_in(offset, b, pick_feat, s.max_feature_samples)
+                if r.numel():
+                    for m in a.modalities:
+                        feats_acc[m].append(pool(_take(feats[m], r)).float().cpu())
+                    acc["feat_rows"].append(r + offset)
+            r = _rows_in(offset, b, pick_grad, s.max_grad_samples)
+            if r.numel() and wanted & {"grad_x_act", "param_grads"}:
+                sub_in, sub_y = _take(inputs, r), labels[r.to(labels.device)]
+                try:
+                    g = col.gradients(sub_in, sub_y)
+                except (EvidenceError, AdapterError, RuntimeError) as exc:
+                    for kind in ("grad_x_act", "param_grads"):
+                        if kind in wanted:
+                            col._fail(kind, exc)
+                    g = {}
+                if "grad_x_act" in g:
+                    acc["gxa"].append(g["grad_x_act"])
+                    acc["grad_rows"].append(r + offset)
+                if "grad_cosine" in g:
+                    acc["cos"].append(g["grad_cosine"])
+                    acc["cos_n"].append(r.numel())
+                    weighted = [v * r.numel() for v in g["fused_param_grads"]]
+                    fused_grad_sum = weighted if fused_grad_sum is None else [x + y for x, y in zip(fused_grad_sum, weighted)]
+                    grad_rows_seen += r.numel()
+            r = _rows_in(offset, b, pick_noise, s.max_noise_samples)
+            if r.numel() and "noise_features" in wanted:
+                try:
+                    for m, f in col.noise_features(_take(inputs, r)).items():
+                        noise_acc[m].append(f)
+                    acc["noise_rows"].append(r + offset)
+                except (EvidenceError, AdapterError, RuntimeError) as exc:
+                    col._fail("noise_features", exc)
+            r = _rows_in(offset, b, pick_attr, s.max_attribution_samples)
+            if r.numel() and "attribution" in wanted:
+                try:
+                    mass, delta = col.attribution(_take(inputs, r), labels[r.to(labels.device)])
+                    acc["attr"].append(mass)
+                    acc["delta"].append(delta)
+                    acc["attr_rows"].append(r + offset)
+                except (EvidenceError, AdapterError, RuntimeError, AssertionError) as exc:
+                    col._fail("attribution", exc)
+            col._tick("evaluating", offset + b, n_total)
+
+    def cat(key: str) -> Tensor | None:
+        return torch.cat(acc[key]) if acc[key] else None
+
+    labels = cat("labels")
+    assert labels is not None
+    logits = cat("logits")
+    n_classes = int(max(int(logits.shape[1]), int(labels.max()) + 1))  # type: ignore[union-attr]
+    if int(labels.max()) >= logits.shape[1]:  # type: ignore[union-attr]
+        raise EvidenceError(
+            f"Labels go up to {int(labels.max())} but the model outputs {logits.shape[1]} classes "  # type: ignore[union-attr]
+            "(labels must be 0..C-1). Check the label column or the model's number of classes."
+        )
+    ev = Evidence(
+        modalities=a.modalities,
+        n_classes=n_classes,
+        labels=labels,
+        logits=logits,  # type: ignore[arg-type]
+        index=cat("index"),  # type: ignore[arg-type]
+        subsets=torch.cat(acc["subsets"], dim=1) if acc["subsets"] else None,
+        features={m: torch.cat(v) for m, v in feats_acc.items()} if acc["feat_rows"] else None,
+        feature_rows=cat("feat_rows"),
+        grad_x_act=cat("gxa"),
+        grad_rows=cat("grad_rows"),
+        param_grad_norm=(torch.stack([g.norm() / max(grad_rows_seen, 1) for g in fused_grad_sum])
+                         if fused_grad_sum is not None else None),
+        grad_cosine=torch.stack(acc["cos"]) if acc["cos"] else None,
+        grad_batch_sizes=torch.tensor(acc["cos_n"]) if acc["cos_n"] else None,
+        perm_correct=torch.cat(acc["perm_correct"], dim=2) if acc["perm_correct"] else None,
+        perm_nll=torch.cat(acc["perm_nll"], dim=2) if acc["perm_nll"] else None,
+        noise_levels=torch.tensor(s.noise_levels) if acc["noise_rows"] else None,
+        noise_features={m: torch.cat(v, dim=1) for m, v in noise_acc.items()} if acc["noise_rows"] else None,
+        noise_rows=cat("noise_rows"),
+        attribution=cat("attr"),
+        attribution_delta=cat("delta"),
+        attribution_rows=cat("attr_rows"),
+        ood=cat("ood"),
+        meta={
+            **a.describe(),
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
+            "device": str(col.device),
+            "head_split": col.head_split_cols is not None,
+            "unavailable": dict(col.unavailable),
+            "data_std": dict(col.data_std),
+        },
+    )
+    if acc["split"]:
+        ev.head_split = torch.cat(acc["split"], dim=1)
+    return ev

@@ -1,0 +1,1502 @@
+"""Loading users' models, checkpoints and datasets.
+
+This module turns the strings a user types (``--model net.py:build``, ``--checkpoint best.pt``,
+``--data val.npz``) into Python objects, and it checks what it loads before anything else sees it:
+a checkpoint whose keys or shapes do not fit the model, labels that are not class indices, NaN in
+an input, a dataset with a single modality. Every problem is raised as an
+:class:`~mmdiag.errors.MmdiagError` subclass whose one-paragraph message names the file, says what
+was expected, what was found and what to try:
+
+* :class:`~mmdiag.errors.LoadError` -- a file or an import could not be loaded;
+* :class:`~mmdiag.errors.ConfigError` -- a spec or an argument is malformed;
+* :class:`~mmdiag.errors.EvidenceError` -- the data loaded but its contents are not usable.
+
+Nothing here prints: functions take Python objects and return data or raise.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (or safetensors), which cannot run
+code. Anything that needs real unpickling -- a pickled ``nn.Module``, a TorchScript archive, a
+checkpoint holding arbitrary Python objects -- is refused unless the caller passes ``trust=True``
+(``--trust-checkpoint`` on the command line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import io
+import os
+import pickle
+import pickletools
+import re
+import struct
+import sys
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import default_collate
+
+from mmdiag.errors import ConfigError, EvidenceError, LoadError
+from mmdiag.registry import closest
+
+__all__ = [
+    "ArrayDataset",
+    "CheckpointInfo",
+    "DictDataset",
+    "EXTRA_KEYS",
+    "LABEL_KEYS",
+    "NAN_POLICIES",
+    "TRUST_HINT",
+    "build_model",
+    "collate",
+    "dataset_from_arrays",
+    "flatten_item",
+    "import_object",
+    "load_checkpoint",
+    "load_dataset",
+    "save_state_dict",
+]
+
+#: Names a label array may have in a data file (the first one present wins).
+LABEL_KEYS: tuple[str, ...] = ("label", "labels")
+#: Optional per-sample arrays carried through to every item, beside modalities and the label.
+EXTRA_KEYS: tuple[str, ...] = ("ood", "index")
+#: What to do with samples whose inputs hold NaN or +-Inf.
+NAN_POLICIES: tuple[str, ...] = ("error", "skip")
+#: The advice that ends every refusal to unpickle an untrusted checkpoint.
+TRUST_HINT = (
+    "Pass --trust-checkpoint only if the file comes from a source you trust; otherwise re-save it "
+    "as a plain state dict (torch.save(model.state_dict(), path)) or as .safetensors."
+)
+
+_RESERVED_KEYS = frozenset(LABEL_KEYS) | frozenset(EXTRA_KEYS)
+_WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net", "module")
+_STRIP_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
+_SHOW = 5  # how many keys of each kind a mismatch message lists
+
+
+# --------------------------------------------------------------------------------------------
+# Importing objects from "file.py:attr" and "package.module:attr"
+# --------------------------------------------------------------------------------------------
+
+
+def _public_names(obj: Any) -> list[str]:
+    try:
+        names = dir(obj)
+    except Exception:  # a hostile or broken __dir__
+        return []
+    return sorted(n for n in names if not n.startswith("_"))
+
+
+def _few(names: Sequence[str], n: int = 10) -> str:
+    if not names:
+        return "(none)"
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def _looks_like_file(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target or os.sep in target
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: str | None) -> Iterator[None]:
+    """Put ``folder`` first on ``sys.path`` for the duration (so sibling imports resolve)."""
+    if folder is None or folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+
+
+def _module_name_for(path: Path) -> str:
+    stem = re.sub(r"\W", "_", path.stem) or "module"
+    digest = hashlib.sha1(str(path).encode("utf-8")).hexdigest()[:10]
+    return f"mmdiag_user_{stem}_{digest}"
+
+
+def _exec_file_module(path: Path, spec_text: str) -> ModuleType:
+    name = _module_name_for(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise LoadError(
+            f"Could not import {path} (from {spec_text!r}): Python found no loader for it; expected a "
+            f"Python source file ending in .py. Check that the path before ':' points at a .py file."
+        )
+    module = importlib.util.module_from_spec(spec)
+    previous = sys.modules.get(name)
+    sys.modules[name] = module  # dataclasses, pickling and typing look modules up here
+    try:
+        with _on_sys_path(str(path.parent)):
+            spec.loader.exec_module(module)
+    except BaseException as e:
+        if previous is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = previous
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise _exec_error(path, e) from e
+    return module
+
+
+def _exec_error(path: Path, e: BaseException) -> LoadError:
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, ImportError):
+        missing = getattr(e, "name", None)
+        what = f"module {missing!r}" if missing else "a module it imports"
+        return LoadError(
+            f"Could not import {path}: it needs {what}, which failed to import ({text}). Expected "
+            f"every import in the file to resolve; the file's own folder is on sys.path while it "
+            f"runs, so sibling files can be imported by name. Install the missing package in this "
+            f"environment or add its location to PYTHONPATH."
+        )
+    if isinstance(e, SyntaxError):
+        return LoadError(
+            f"Could not import {path}: it is not valid Python ({text}). Fix the syntax error and "
+            f"try again."
+        )
+    if isinstance(e, SystemExit):
+        return LoadError(
+            f"Could not import {path}: it called sys.exit() while being imported (exit code "
+            f"{e.code!r}). Expected a module that only defines things at import time; guard script "
+            f"code with `if __name__ == \"__main__\":`."
+        )
+    return LoadError(
+        f"Could not import {path}: running the file raised {text}. Expected a module that can be "
+        f"imported without side effects failing; run `python {path}` to see the full traceback."
+    )
+
+
+def _import_module(modname: str, spec_text: str) -> ModuleType:
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as e:
+        missing = e.name or modname
+        if missing == modname or modname.startswith(missing + "."):
+            raise LoadError(
+                f"Could not import module {modname!r} (from {spec_text!r}): no module named "
+                f"{missing!r} was found ({type(e).__name__}: {e}). Expected an importable package; "
+                f"install it in this environment, add its folder to PYTHONPATH, or give a file "
+                f"path instead, like 'path/to/file.py:name'."
+            ) from e
+        raise LoadError(
+            f"Could not import module {modname!r} (from {spec_text!r}): it imports {missing!r}, "
+            f"which is not installed ({type(e).__name__}: {e}). Install the missing package in "
+            f"this environment and try again."
+        ) from e
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise LoadError(
+            f"Could not import module {modname!r} (from {spec_text!r}): importing it raised "
+            f"{type(e).__name__}: {e}. Run `python -c 'import {modname}'` to see the full traceback."
+        ) from e
+
+
+def _resolve_attr(root: Any, attr: str, origin: str, spec_text: str) -> Any:
+    obj = root
+    walked: list[str] = []
+    for part in attr.split("."):
+        if not part:
+            raise ConfigError(
+                f"Malformed object reference {spec_text!r}: the name after ':' ({attr!r}) has an "
+                f"empty part. Expected dotted names like 'build_model' or 'Factory.create'."
+            )
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            where = origin if not walked else f"{origin}:{'.'.join(walked)}"
+            names = _public_names(obj)
+            msg = (
+                f"{where} has no attribute {part!r} (asked for {spec_text!r}). Public names "
+                f"there: {_few(names)}."
+            )
+            near = closest(part, names)
+            if near is not None:
+                msg += f" Did you mean {near!r}?"
+            msg += " Check the name after ':'."
+            raise LoadError(msg) from None
+        walked.append(part)
+    return obj
+
+
+def _import(spec: str) -> tuple[Any, str | None]:
+    """``import_object`` plus the folder of the file it came from (``None`` for modules)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(
+            f"Expected an object reference like 'path/to/file.py:name' or 'package.module:name', "
+            f"found {spec!r}. Give the file or module, a colon, and the name to use."
+        )
+    spec = spec.strip()
+    if ":" not in spec:
+        example = f"{spec}:build_model" if _looks_like_file(spec) else "my_package.models:build_model"
+        raise ConfigError(
+            f"Expected an object reference like 'path/to/file.py:name' or 'package.module:name', "
+            f"found {spec!r} with no ':'. Add the name of the object after a colon, e.g. "
+            f"{example!r}."
+        )
+    target, attr = spec.rsplit(":", 1)
+    if not target or not attr:
+        raise ConfigError(
+            f"Expected an object reference like 'path/to/file.py:name' or 'package.module:name', "
+            f"found {spec!r} with an empty {'file or module' if not target else 'name'}. Give both "
+            f"parts around the colon."
+        )
+    if _looks_like_file(target):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise LoadError(
+                f"Could not import {spec!r}: the file {target} {what} (looked in "
+                f"{path.resolve()}). Expected a Python file; check the path, which is relative to "
+                f"the current folder."
+            )
+        path = path.resolve()
+        module = _exec_file_module(path, spec)
+        return _resolve_attr(module, attr, str(path), spec), str(path.parent)
+    module = _import_module(target, spec)
+    return _resolve_attr(module, attr, target, spec), None
+
+
+def import_object(spec: str) -> Any:
+    """The object named by ``"path/to/file.py:attr"`` or ``"package.module:attr"``.
+
+    A file is executed as a fresh module (under a name derived from its absolute path) with its
+    own folder on ``sys.path`` so that it can import sibling files; ``attr`` may be dotted
+    (``"mod:Class.create"``).
+    """
+    return _import(spec)[0]
+
+
+def _callable_name(obj: Any, spec: str) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    return f"{name} (from {spec!r})" if name else repr(spec)
+
+
+def build_model(spec: str, kwargs: dict | None = None) -> nn.Module:
+    """Import the factory (a class or function) named by ``spec`` and call it with ``kwargs``."""
+    factory, folder = _import(spec)
+    kwargs = dict(kwargs or {})
+    if not callable(factory):
+        raise LoadError(
+            f"{spec!r} names a {type(factory).__name__}, not a class or function. Expected a model "
+            f"factory that returns a torch.nn.Module; point the name after ':' at it."
+        )
+    try:
+        with _on_sys_path(folder):
+            model = factory(**kwargs)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no keyword arguments"
+        raise LoadError(
+            f"The model factory {_callable_name(factory, spec)} raised {type(e).__name__}: {e} when "
+            f"called with {given}. Check the keyword arguments passed to it (--model-kwargs) and "
+            f"that the factory works on its own."
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise LoadError(
+            f"The model factory {_callable_name(factory, spec)} returned a "
+            f"{type(model).__module__}.{type(model).__qualname__}, expected a torch.nn.Module. "
+            f"Make the factory return the model itself (not a tuple, a dict or a checkpoint path)."
+        )
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`load_checkpoint` found and did.
+
+    ``format`` is "torch", "safetensors", "torchscript" or "module-pickle"; ``wrapper`` the key of
+    the dict the state dict was found under (``None`` for a bare state dict); ``stripped_prefix``
+    the prefix removed from every key ("module.", "_orig_mod." or both, ``None`` if none);
+    ``n_tensors`` the number of tensors in the checkpoint's state dict. With ``strict=False`` the
+    keys that were not loaded are listed in ``missing`` (model keys absent from the checkpoint),
+    ``unexpected`` (checkpoint keys the model lacks) and ``mismatched`` (keys whose shapes differ).
+    """
+
+    path: str
+    format: str
+    wrapper: str | None
+    stripped_prefix: str | None
+    n_tensors: int
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    mismatched: tuple[str, ...] = ()
+
+
+class _Corrupt(Exception):
+    """Internal: the file is not a readable checkpoint."""
+
+
+def _corrupt_error(path: Path, reason: str) -> LoadError:
+    return LoadError(
+        f"Checkpoint {path} could not be read as a PyTorch or safetensors checkpoint: {reason}; "
+        f"the file may be truncated or corrupted. Expected a file written by torch.save, "
+        f"torch.jit.save or safetensors; check that it was copied completely (compare its size "
+        f"with the original) or save it again."
+    )
+
+
+def _refused(path: Path, what: str) -> LoadError:
+    return LoadError(
+        f"Refused to load checkpoint {path}: {what}, and loading it needs arbitrary unpickling, "
+        f"which can run code from the file. mmdiag only reads tensors unless told otherwise. "
+        + TRUST_HINT
+    )
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < n <= size - 8
+
+
+def _is_torchscript_zip(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    for n in names:
+        parts = n.split("/")
+        if parts[-1] == "constants.pkl" or "code" in parts[:-1]:
+            return True
+    return False
+
+
+def _pickle_globals(data: bytes | io.BufferedIOBase, n_pickles: int = 1) -> list[str]:
+    """Globals referenced by the first ``n_pickles`` pickles, read without executing anything.
+
+    Raises :class:`_Corrupt` when the bytes are not a well-formed pickle.
+    """
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    found: list[str] = []
+    for _ in range(n_pickles):
+        strings: list[str] = []
+        saw_stop = False
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name == "GLOBAL" and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+                if op.name == "STOP":
+                    saw_stop = True
+        except Exception as e:
+            raise _Corrupt(f"its pickle data is malformed ({type(e).__name__}: {e})") from e
+        if not saw_stop:
+            raise _Corrupt("its pickle data ends early")
+    return found
+
+
+_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:  # noqa: D102 - refuse everything
+        raise pickle.UnpicklingError(f"global {module}.{name} not allowed")
+
+
+def _untrusted_content(path: Path) -> list[str]:
+    """The non-tensor globals of a torch checkpoint, read without running it (or ``_Corrupt``)."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                pkl = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                if not pkl:
+                    raise _Corrupt("it is a zip archive without the data.pkl of a torch.save file")
+                data = z.read(pkl[0])
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise _Corrupt(f"its zip archive is damaged ({type(e).__name__}: {e})") from e
+        names = _pickle_globals(data)
+    else:
+        try:
+            with open(path, "rb") as f:
+                try:
+                    magic = _NoGlobals(f).load()
+                except Exception as e:
+                    raise _Corrupt(f"it does not start with a pickle ({type(e).__name__}: {e})") from e
+                if magic != _TORCH_MAGIC:
+                    raise _Corrupt("it is neither a zip archive nor a legacy torch.save file")
+                names = _pickle_globals(f, n_pickles=3)  # protocol, sys_info, the object
+        except OSError as e:
+            raise _Corrupt(f"{type(e).__name__}: {e}") from e
+    harmless = ("torch._utils.", "torch.storage.", "collections.OrderedDict", "torch.Size")
+    odd = []
+    for n in names:
+        if n.startswith(harmless) or re.fullmatch(r"torch\.\w*Storage", n) or n in odd:
+            continue
+        odd.append(n)
+    return odd
+
+
+def _weights_only_refusal(e: BaseException) -> bool:
+    text = str(e)
+    return isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text or (
+        "weights_only" in text and "Unsupported" in text
+    )
+
+
+def _numpy_scalar_globals() -> list[Any]:
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    allowed: list[Any] = [
+        np.dtype,
+        scalar,
+        (scalar, "numpy.core.multiarray.scalar"),  # the name numpy 1.x pickles under
+        (scalar, "numpy._core.multiarray.scalar"),
+    ]
+    for name in dir(np.dtypes):
+        if name.endswith("DType") and name not in ("ObjectDType", "StringDType", "VoidDType"):
+            allowed.append(getattr(np.dtypes, name))
+    return allowed
+
+
+def _read_checkpoint(path: Path, trust: bool) -> tuple[Any, str]:
+    """The raw object in ``path`` and its format name."""
+    if _looks_like_safetensors(path):
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu"), "safetensors"
+        except Exception as e:
+            raise _corrupt_error(path, f"{type(e).__name__}: {e}") from e
+    if path.suffix == ".safetensors":
+        raise _corrupt_error(path, "it does not start with a safetensors header")
+
+    if _is_torchscript_zip(path):
+        if not trust:
+            raise _refused(path, "it is a TorchScript archive (written by torch.jit.save)")
+        try:
+            with _quiet():
+                scripted = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise _corrupt_error(path, f"torch.jit.load failed with {type(e).__name__}: {e}") from e
+        return scripted, "torchscript"
+
+    try:
+        with _quiet():
+            return torch.load(path, map_location="cpu", weights_only=True), "torch"
+    except Exception as e:
+        first = e
+    text = str(first)
+    if "TorchScript" in text or "torch.jit.load" in text:
+        if not trust:
+            raise _refused(path, "it is a TorchScript archive (written by torch.jit.save)")
+        try:
+            with _quiet():
+                return torch.jit.load(str(path), map_location="cpu"), "torchscript"
+        except Exception as e:
+            raise _corrupt_error(path, f"torch.jit.load failed with {type(e).__name__}: {e}") from e
+    if not _weights_only_refusal(first):
+        raise _corrupt_error(path, f"{type(first).__name__}: {_first_line(text)}") from first
+    # Training scripts often store numpy scalars (best accuracy, epoch) beside the weights.
+    # Rebuilding a numpy scalar or dtype runs no user code, so allow those and nothing else.
+    try:
+        with _quiet(), torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True), "torch"
+    except Exception:
+        pass
+    # The safe loader refused: either the file needs real unpickling or it is garbage that only
+    # looked like a pickle. Tell them apart by reading the pickle opcodes, which runs nothing.
+    try:
+        odd = _untrusted_content(path)
+    except _Corrupt as c:
+        raise _corrupt_error(path, str(c)) from first
+    if not trust and not odd:  # nothing to refuse: the safe loader failed for another reason
+        raise _corrupt_error(path, f"{type(first).__name__}: {_first_line(text)}") from first
+    if not trust:
+        shown = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
+        what = "it contains Python objects other than tensors" + (
+            f" (it references {shown})" if shown else ""
+        )
+        raise _refused(path, what)
+    try:
+        with _quiet():
+            return torch.load(path, map_location="cpu", weights_only=False), "torch"
+    except (AttributeError, ModuleNotFoundError, ImportError) as e:
+        raise LoadError(
+            f"Checkpoint {path} could not be unpickled: {type(e).__name__}: {e}. A checkpoint "
+            f"that pickles Python objects (such as a whole model) needs the code of their classes "
+            f"importable under the same module names as when it was saved; make that code "
+            f"importable, or re-save the checkpoint as a state dict."
+        ) from e
+    except Exception as e:
+        raise _corrupt_error(path, f"{type(e).__name__}: {_first_line(str(e))}") from e
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch's loader warnings (deprecations, pickle protocol notes): what matters is
+    reported through the result or a LoadError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "(no message)"
+    return line[:300]
+
+
+def _is_tensor_map(obj: Any) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    return all(
+        isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
+        for k, v in obj.items()
+    )
+
+
+def _unwrap(obj: Any, path: Path, fmt: str) -> tuple[dict[str, Any], str, str | None]:
+    """(state dict, format, wrapper key) from whatever the checkpoint file held."""
+    if isinstance(obj, nn.Module):
+        return dict(obj.state_dict()), ("torchscript" if fmt == "torchscript" else "module-pickle"), None
+    if _is_tensor_map(obj):
+        return dict(obj), fmt, None
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                return dict(inner.state_dict()), "module-pickle", key
+            if _is_tensor_map(inner):
+                return dict(inner), fmt, key
+        keys = [repr(k) for k in list(obj)[:10]]
+        found = f"a dict with keys {', '.join(keys)}" + (" ..." if len(obj) > 10 else "")
+        if not obj:
+            found = "an empty dict"
+    else:
+        found = f"a {type(obj).__module__}.{type(obj).__qualname__}"
+    raise LoadError(
+        f"Checkpoint {path} holds {found}; expected a state dict (a mapping of parameter names to "
+        f"tensors), a dict with one under 'state_dict', 'model_state_dict', 'model', 'net' or "
+        f"'module', or a whole nn.Module. Re-save it with torch.save(model.state_dict(), path)."
+    )
+
+
+def _strip_prefixes(state: dict[str, Any], model_keys: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    stripped = ""
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in state) and not any(
+                k.startswith(prefix) for k in model_keys
+            ):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped += prefix
+                changed = True
+    return state, (stripped or None)
+
+
+def _shape(t: Any) -> tuple[int, ...] | None:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def _list_keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (", ..." if len(keys) > _SHOW else "")
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | Path, *, trust: bool = False, strict: bool = True
+) -> CheckpointInfo:
+    """Load the weights in ``path`` into ``model`` (in place) and say what was found.
+
+    ``.safetensors`` files are read with safetensors; anything else with
+    ``torch.load(weights_only=True)``. Pickled modules, TorchScript archives and checkpoints with
+    arbitrary Python objects need ``trust=True``. Wrapper dicts (``{"state_dict": ...}`` and
+    friends) are unwrapped and ``module.``/``_orig_mod.`` prefixes stripped when the model's keys
+    lack them. Keys and shapes are compared before loading: with ``strict`` any difference is a
+    :class:`LoadError`; without it, what fits is loaded and the rest is listed in the result.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise LoadError(
+            f"Checkpoint {path} does not exist (looked in {path.resolve()}). Expected a file "
+            f"written by torch.save or safetensors; check the path given to --checkpoint."
+        )
+    if not path.is_file():
+        raise LoadError(
+            f"Checkpoint {path} is a folder, expected a single file written by torch.save or "
+            f"safetensors. Point --checkpoint at the weights file inside it."
+        )
+    if path.stat().st_size == 0:
+        raise _corrupt_error(path, "it is empty (0 bytes)")
+    raw, fmt = _read_checkpoint(path, trust)
+    state, fmt, wrapper = _unwrap(raw, path, fmt)
+    n_tensors = sum(isinstance(v, torch.Tensor) for v in state.values())
+
+    model_state = model.state_dict()
+    state, stripped = _strip_prefixes(state, list(model_state))
+    missing = [
+        k for k in model_state if k not in state and not k.endswith("num_batches_tracked")
+    ]  # BatchNorm fills a missing counter itself
+    unexpected = [k for k in state if k not in model_state]
+    mismatched = [
+        k for k in model_state if k in state and _shape(state[k]) != _shape(model_state[k])
+    ]
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if missing:
+            parts.append(
+                f"{len(missing)} model key(s) missing from the checkpoint ({_list_keys(missing)})"
+            )
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected checkpoint key(s) the model lacks "
+                f"({_list_keys(unexpected)})"
+            )
+        if mismatched:
+            shapes = [
+                f"{k}: checkpoint {_shape(state[k])} vs model {_shape(model_state[k])}"
+                for k in mismatched
+            ]
+            parts.append(f"{len(mismatched)} shape mismatch(es) ({_list_keys(shapes)})")
+        raise LoadError(
+            f"Checkpoint {path} does not fit the model: expected the model's "
+            f"{len(model_state)} keys with the same shapes, found {n_tensors} tensors with "
+            + "; ".join(parts)
+            + ". Check that --model builds the same architecture (and its keyword arguments) as "
+            "the one that was trained."
+        )
+    to_load = {k: v for k, v in state.items() if k in model_state and k not in mismatched}
+    try:
+        model.load_state_dict(to_load, strict=False)
+    except Exception as e:
+        raise LoadError(
+            f"Checkpoint {path} matched the model's keys and shapes but loading it failed with "
+            f"{type(e).__name__}: {_first_line(str(e))}. Check that --model builds the same "
+            f"architecture (and its keyword arguments) as the one that was trained."
+        ) from e
+    return CheckpointInfo(
+        path=str(path),
+        format=fmt,
+        wrapper=wrapper,
+        stripped_prefix=stripped,
+        n_tensors=n_tensors,
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        mismatched=tuple(mismatched),
+    )
+
+
+def _for_safetensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        t = v.detach().to("cpu")
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        whole = storage.nbytes() == t.numel() * t.element_size()
+        if (ptr in seen and t.numel() > 0) or not whole or not t.is_contiguous():
+            t = t.contiguous().clone()
+        else:
+            seen.add(ptr)
+        out[k] = t
+    return out
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write ``state`` atomically: safetensors for ``.safetensors``, else ``torch.save``."""
+    path = Path(path).expanduser()
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConfigError(
+            f"Cannot save a state dict to {path}: expected a mapping of str names to tensors, "
+            f"found non-tensor entries {', '.join(map(repr, bad[:_SHOW]))}. Pass "
+            f"model.state_dict() or a dict of tensors."
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        raise LoadError(
+            f"Cannot save a state dict to {path}: the folder {folder} does not exist. Create it "
+            f"first or choose another output path."
+        )
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(_for_safetensors(state), str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save({k: v.detach() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise LoadError(
+                f"Cannot save a state dict to {path}: {type(e).__name__}: {e}. Check that the "
+                f"folder is writable and the disk is not full."
+            ) from e
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+def collate(items: Sequence[Any]) -> Any:
+    """Batch a list of items (flat dicts) -- torch's ``default_collate``."""
+    return default_collate(items)
+
+
+class ArrayDataset(Dataset):
+    """Validated in-memory arrays: one per modality, integer labels, optional extras.
+
+    ``dataset[i]`` is ``{modality: float32 tensor, ..., "label": int64 scalar, extras...}``.
+    Attributes: ``modalities``, ``n_classes``, ``labels`` (``np.ndarray`` of int64), ``arrays``
+    (modality name -> float32 ``np.ndarray``), ``extras``, ``dropped`` (samples removed by
+    ``nan_policy="skip"``) and ``source`` (where the data came from, for messages). Build it with
+    :func:`dataset_from_arrays` or :func:`load_dataset`, which validate first.
+    """
+
+    collate = staticmethod(collate)
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        labels: np.ndarray,
+        extras: Mapping[str, np.ndarray] | None = None,
+        *,
+        n_classes: int | None = None,
+        dropped: int = 0,
+        source: str = "arrays",
+    ) -> None:
+        self.arrays: dict[str, np.ndarray] = dict(arrays)
+        self.modalities: tuple[str, ...] = tuple(self.arrays)
+        self.labels: np.ndarray = np.asarray(labels, dtype=np.int64)
+        self.extras: dict[str, np.ndarray] = dict(extras or {})
+        self.n_classes: int = int(n_classes) if n_classes is not None else (
+            int(self.labels.max()) + 1 if len(self.labels) else 0
+        )
+        self.dropped: int = int(dropped)
+        self.source = source
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item: dict[str, torch.Tensor] = {
+            m: torch.from_numpy(np.array(a[i], dtype=np.float32)) for m, a in self.arrays.items()
+        }
+        item["label"] = torch.tensor(int(self.labels[i]), dtype=torch.int64)
+        for k, a in self.extras.items():
+            item[k] = torch.as_tensor(np.array(a[i]))
+        return item
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All samples at once: modality tensors, ``"label"`` and extras, sharing memory."""
+        out = {m: torch.from_numpy(a) for m, a in self.arrays.items()}
+        out["label"] = torch.from_numpy(self.labels)
+        out.update({k: torch.from_numpy(a) for k, a in self.extras.items()})
+        return out
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{m}{tuple(a.shape[1:])}" for m, a in self.arrays.items())
+        return (
+            f"ArrayDataset({len(self)} samples from {self.source}: {shapes}; "
+            f"{self.n_classes} classes)"
+        )
+
+
+def _check_nan_policy(nan_policy: str) -> None:
+    if nan_policy not in NAN_POLICIES:
+        near = closest(str(nan_policy), list(NAN_POLICIES))
+        raise ConfigError(
+            f"Unknown NaN policy {nan_policy!r}; expected one of {', '.join(NAN_POLICIES)}."
+            + (f" Did you mean {near!r}?" if near else "")
+        )
+
+
+def _to_numpy(value: Any, key: str, source: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu")
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.to(torch.float32)
+        try:
+            return t.numpy()
+        except (TypeError, RuntimeError) as e:
+            raise EvidenceError(
+                f"Array {key!r} in {source} has dtype {t.dtype}, which cannot become a numeric "
+                f"array ({e}). Expected numbers (float, int or bool); convert it first."
+            ) from e
+    try:
+        arr = np.asarray(value)
+    except Exception as e:
+        raise EvidenceError(
+            f"Entry {key!r} in {source} is a {type(value).__name__} that is not an array "
+            f"({type(e).__name__}: {e}). Expected a numpy array or a tensor with one row per sample."
+        ) from e
+    return arr
+
+
+def _counts_text(arrays: Mapping[str, np.ndarray]) -> str:
+    return ", ".join(f"{k}: {a.shape[0] if a.ndim else 'scalar'}" for k, a in arrays.items())
+
+
+def _nonfinite_rows(arr: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    n = arr.shape[0]
+    bad = np.zeros(n, dtype=bool)
+    if arr.dtype.kind != "f" or n == 0:
+        return bad
+    for s in range(0, n, chunk):
+        block = np.asarray(arr[s : s + chunk]).reshape(min(chunk, n - s), -1)
+        bad[s : s + chunk] = ~np.isfinite(block).all(axis=1)
+    return bad
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _validate_labels(raw: np.ndarray, key: str, source: str, num_classes: int | None) -> np.ndarray:
+    if raw.ndim == 2 and raw.shape[1] == 1:
+        raw = raw[:, 0]
+    if raw.ndim != 1:
+        raise EvidenceError(
+            f"Labels {key!r} in {source} have shape {tuple(raw.shape)}; expected one integer class "
+            f"index per sample, shape (N,). For one-hot labels save labels.argmax(axis=1) instead."
+        )
+    kind = raw.dtype.kind
+    if kind == "b":
+        labels = raw.astype(np.int64)
+    elif kind in "iu":
+        labels = raw.astype(np.int64, copy=False)
+    elif kind == "f":
+        finite = np.isfinite(raw)
+        whole = finite & (raw == np.round(np.where(finite, raw, 0)))
+        if not whole.all():
+            bad = np.flatnonzero(~whole)
+            examples = ", ".join(repr(float(raw[i])) for i in bad[:3])
+            raise EvidenceError(
+                f"Labels {key!r} in {source} are floats and {len(bad)} of {raw.shape[0]} "
+                f"{'is not a whole number' if len(bad) == 1 else 'are not whole numbers'} (e.g. "
+                f"{examples}, first at index {int(bad[0])}); expected integer class indices "
+                f"0..C-1. Save class indices, not probabilities or regression targets."
+            )
+        labels = raw.astype(np.int64)
+    else:
+        raise EvidenceError(
+            f"Labels {key!r} in {source} have dtype {raw.dtype}; expected integer class indices "
+            f"0..C-1. Map class names to integers before saving."
+        )
+    if labels.size and labels.min() < 0:
+        bad = np.flatnonzero(labels < 0)
+        raise EvidenceError(
+            f"Labels {key!r} in {source} contain {_plural(len(bad), 'negative value')} (e.g. "
+            f"{int(labels[bad[0]])} at index {int(bad[0])}); expected class indices >= 0. Remove "
+            f"or remap ignored samples (such as -1 / -100) before running mmdiag."
+        )
+    if num_classes is not None and labels.size and labels.max() >= num_classes:
+        raise EvidenceError(
+            f"Labels {key!r} in {source} go up to {int(labels.max())}, but num_classes is "
+            f"{num_classes}; expected labels in 0..{num_classes - 1}. Pass the right number of "
+            f"classes or fix the labels."
+        )
+    return labels
+
+
+def dataset_from_arrays(
+    arrays: Mapping[str, np.ndarray | torch.Tensor],
+    modalities: Sequence[str] | None = None,
+    nan_policy: str = "error",
+    *,
+    num_classes: int | None = None,
+    source: str = "the arrays passed in",
+) -> ArrayDataset:
+    """Validate a mapping of per-sample arrays and wrap it as an :class:`ArrayDataset`.
+
+    ``arrays`` holds one array per modality (first dimension = samples), labels under ``label`` or
+    ``labels`` and optionally ``ood`` (0/1 flags) and ``index``. ``modalities`` picks and orders
+    the modality keys (default: every other key). ``nan_policy`` is "error" or "skip" (drop the
+    samples whose inputs hold NaN/Inf, counted in ``dataset.dropped``).
+    """
+    _check_nan_policy(nan_policy)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ConfigError(f"num_classes must be a positive integer, found {num_classes!r}.")
+    if not isinstance(arrays, Mapping):
+        raise ConfigError(
+            f"Expected a mapping of names to arrays for {source}, found a "
+            f"{type(arrays).__name__}. Pass a dict like {{'audio': ..., 'video': ..., 'label': ...}}."
+        )
+    keys = [str(k) for k in arrays]
+    label_key = next((k for k in LABEL_KEYS if k in arrays), None)
+    if label_key is None:
+        raise EvidenceError(
+            f"No labels: expected an array named 'label' or 'labels' in {source}; found keys "
+            f"{', '.join(map(repr, keys)) or '(none)'}. Add the integer class of each sample "
+            f"under 'label'."
+        )
+
+    if modalities is None:
+        chosen = [k for k in keys if k not in _RESERVED_KEYS]
+    else:
+        if isinstance(modalities, str):
+            modalities = [modalities]
+        chosen = list(modalities)
+        candidates = [k for k in keys if k not in _RESERVED_KEYS]
+        for m in chosen:
+            if m in _RESERVED_KEYS:
+                raise ConfigError(
+                    f"{m!r} cannot be a modality: in {source} it is reserved for "
+                    f"{'labels' if m in LABEL_KEYS else 'per-sample extras'}. Choose modalities "
+                    f"among {', '.join(map(repr, candidates)) or '(none)'}."
+                )
+            if m not in arrays:
+                near = closest(m, candidates)
+                raise ConfigError(
+                    f"Unknown modality {m!r}: {source} has no array by that name; its modality "
+                    f"keys are {', '.join(map(repr, candidates)) or '(none)'}."
+                    + (f" Did you mean {near!r}?" if near else "")
+                )
+        dupes = sorted({m for m in chosen if chosen.count(m) > 1})
+        if dupes:
+            raise ConfigError(
+                f"Modalities {', '.join(map(repr, dupes))} are listed more than once; expected "
+                f"each modality once. Remove the duplicates."
+            )
+    if len(chosen) < 2:
+        raise ConfigError(
+            f"{source} has {_plural(len(chosen), 'modality')} "
+            f"({', '.join(map(repr, chosen)) or 'none'}); expected at least 2. mmdiag compares "
+            f"modalities with each other, so a single one leaves nothing to compare. Add another "
+            f"modality array, or select at least two modalities."
+        )
+
+    mods = {m: _to_numpy(arrays[m], m, source) for m in chosen}
+    raw_labels = _to_numpy(arrays[label_key], label_key, source)
+    extras_raw = {k: _to_numpy(arrays[k], k, source) for k in EXTRA_KEYS if k in arrays}
+    if label_key == "label" and "labels" in arrays:
+        other = _to_numpy(arrays["labels"], "labels", source)
+        if other.shape != raw_labels.shape or not np.array_equal(other, raw_labels):
+            raise EvidenceError(
+                f"{source} has both 'label' and 'labels' and they differ; expected one label "
+                f"array. Keep only one of them."
+            )
+
+    for k, a in {**mods, **extras_raw}.items():
+        if a.dtype.kind not in "biuf":
+            raise EvidenceError(
+                f"Array {k!r} in {source} has dtype {a.dtype}, which is not numeric; expected "
+                f"numbers (float, int or bool) with one row per sample. Encode it as numbers "
+                f"first (e.g. features or token ids)."
+            )
+    every = {**mods, label_key: raw_labels, **extras_raw}
+    scalars = [k for k, a in every.items() if a.ndim == 0]
+    if scalars:
+        raise EvidenceError(
+            f"Array(s) {', '.join(map(repr, scalars))} in {source} are scalars; expected one row "
+            f"per sample (first dimension = number of samples). Save per-sample arrays."
+        )
+    counts = {k: a.shape[0] for k, a in every.items()}
+    if len(set(counts.values())) > 1:
+        raise EvidenceError(
+            f"Arrays in {source} disagree on the number of samples (first dimension): "
+            f"{_counts_text(every)}; expected the same count for every modality, the labels and "
+            f"extras. Check that they were saved from the same split, in the same order."
+        )
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise EvidenceError(
+            f"{source} is empty: every array has 0 samples; expected at least one. Check that the "
+            f"right split was saved."
+        )
+    labels = _validate_labels(raw_labels, label_key, source, num_classes)
+
+    extras: dict[str, np.ndarray] = {}
+    if "ood" in extras_raw:
+        ood = extras_raw["ood"].reshape(n, -1) if extras_raw["ood"].ndim > 1 else extras_raw["ood"]
+        if ood.ndim != 1 or not np.isin(ood, (0, 1)).all():
+            raise EvidenceError(
+                f"Array 'ood' in {source} must hold one flag per sample (bool or 0/1); found "
+                f"shape {tuple(extras_raw['ood'].shape)} with values other than 0/1 or several per "
+                f"sample. Save a boolean vector marking out-of-distribution samples."
+            )
+        extras["ood"] = ood.astype(bool)
+    if "index" in extras_raw:
+        idx = extras_raw["index"]
+        if idx.dtype.kind == "f" and not (np.isfinite(idx).all() and (idx == np.round(idx)).all()):
+            raise EvidenceError(
+                f"Array 'index' in {source} holds non-integer values; expected one integer id per "
+                f"sample. Save the sample ids as integers."
+            )
+        extras["index"] = idx.astype(np.int64, copy=False)
+
+    bad_rows = {m: _nonfinite_rows(a) for m, a in mods.items()}
+    bad_counts = {m: int(b.sum()) for m, b in bad_rows.items()}
+    dropped = 0
+    if any(bad_counts.values()):
+        per = ", ".join(f"{m}: {_plural(c, 'sample')}" for m, c in bad_counts.items() if c)
+        if nan_policy == "error":
+            raise EvidenceError(
+                f"{source} has NaN or Inf values in its inputs ({per}, out of {n}); expected "
+                f"finite numbers. Clean the data, or use --nan-policy skip to drop those samples."
+            )
+        keep = ~np.logical_or.reduce(list(bad_rows.values()))
+        dropped = int(n - keep.sum())
+        if not keep.any():
+            raise EvidenceError(
+                f"{source} has NaN or Inf in every sample ({per}); with --nan-policy skip nothing "
+                f"is left. Clean the data before running mmdiag."
+            )
+        mods = {m: a[keep] for m, a in mods.items()}
+        labels = labels[keep]
+        extras = {k: a[keep] for k, a in extras.items()}
+
+    mods = {m: np.ascontiguousarray(a, dtype=np.float32) for m, a in mods.items()}
+    return ArrayDataset(
+        mods, labels, extras, n_classes=num_classes, dropped=dropped, source=source
+    )
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, mmap_mode="r", allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}  # each member is read (decompressed) once
+    except ValueError as e:
+        if "allow_pickle" in str(e) or "pickle" in str(e).lower():
+            raise EvidenceError(
+                f"Data file {path} contains object (pickled) arrays, which mmdiag does not load; "
+                f"expected numeric arrays only. Save numbers (e.g. np.float32 features and int "
+                f"labels) with np.savez."
+            ) from e
+        raise LoadError(
+            f"Data file {path} could not be read as .npz: {type(e).__name__}: {e}; the file may "
+            f"be truncated or corrupted. Save it again with np.savez."
+        ) from e
+    except Exception as e:
+        raise LoadError(
+            f"Data file {path} could not be read as .npz: {type(e).__name__}: {e}; the file may "
+            f"be truncated or corrupted. Save it again with np.savez."
+        ) from e
+
+
+def _load_pt_data(path: Path) -> dict[str, Any]:
+    try:
+        with _quiet():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if _weights_only_refusal(e):
+            raise LoadError(
+                f"Data file {path} holds Python objects other than tensors, which mmdiag will not "
+                f"unpickle (it could run code); expected a dict of tensors saved with torch.save. "
+                f"Convert numpy arrays with torch.from_numpy before saving, or use .npz."
+            ) from e
+        raise LoadError(
+            f"Data file {path} could not be read with torch.load: {type(e).__name__}: "
+            f"{_first_line(str(e))}; the file may be truncated or corrupted. Save it again."
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise LoadError(
+            f"Data file {path} holds a {type(obj).__name__}; expected a dict of tensors with one "
+            f"entry per modality and 'label'. Save a dict like {{'audio': x_a, 'video': x_v, "
+            f"'label': y}}."
+        )
+    return dict(obj)
+
+
+# ---- factory datasets -------------------------------------------------------------------------
+
+
+def flatten_item(item: Any, *, source: str = "the dataset") -> dict[str, Any]:
+    """A sample or batch as one flat dict: ``(inputs_dict, label)`` or a dict with ``label``.
+
+    Works the same for single items and for batches from a DataLoader; ``labels`` is accepted as
+    a synonym of ``label``. Raises :class:`EvidenceError` for any other shape.
+    """
+    if isinstance(item, Mapping):
+        out = dict(item)
+        if "label" not in out and "labels" in out:
+            out["label"] = out.pop("labels")
+        if "label" not in out:
+            raise EvidenceError(
+                f"No labels: an item of {source} is a dict with keys "
+                f"{', '.join(map(repr, list(out)[:10]))}; expected a 'label' entry beside the "
+                f"modality inputs. Add it, or return (inputs_dict, label) tuples."
+            )
+        return out
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Mapping):
+        inputs, label = item
+        if "label" in inputs:
+            raise EvidenceError(
+                f"An item of {source} is (inputs, label) but inputs also has a 'label' key; "
+                f"expected labels in one place. Drop one of them."
+            )
+        out = dict(inputs)
+        out["label"] = label
+        return out
+    shape = type(item).__name__
+    if isinstance(item, (tuple, list)):
+        shape += f" of {len(item)} ({', '.join(type(x).__name__ for x in item[:4])})"
+    raise EvidenceError(
+        f"Items of {source} are {shape}; expected (dict_of_modality_tensors, label) or a dict with "
+        f"the modality tensors and a 'label' key. Make __getitem__ return one of those."
+    )
+
+
+def _check_first_item(
+    flat: Mapping[str, Any], modalities: Sequence[str] | None, source: str, batched: bool
+) -> tuple[str, ...]:
+    candidates = [k for k in flat if k not in _RESERVED_KEYS]
+    if modalities is None:
+        chosen = list(candidates)
+    else:
+        chosen = [modalities] if isinstance(modalities, str) else list(modalities)
+        for m in chosen:
+            if m not in flat or m in _RESERVED_KEYS:
+                near = closest(m, candidates)
+                raise ConfigError(
+                    f"Unknown modality {m!r}: the items of {source} have no input by that name; "
+                    f"their modality keys are {', '.join(map(repr, candidates)) or '(none)'}."
+                    + (f" Did you mean {near!r}?" if near else "")
+                )
+    if len(chosen) < 2:
+        raise ConfigError(
+            f"{source} yields {_plural(len(chosen), 'modality')} "
+            f"({', '.join(map(repr, chosen)) or 'none'}); expected at least 2. mmdiag compares "
+            f"modalities with each other, so a single one leaves nothing to compare."
+        )
+    for m in chosen:
+        v = flat[m]
+        t = v if isinstance(v, torch.Tensor) else None
+        if t is None:
+            try:
+                t = torch.as_tensor(np.asarray(v))
+            except Exception:
+                t = None
+        if t is None or t.dtype.is_complex or not (t.dtype.is_floating_point or t.dtype in (
+            torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64
+        )):
+            raise EvidenceError(
+                f"Input {m!r} of {source} is {type(v).__name__}"
+                + (f" with dtype {t.dtype}" if t is not None else "")
+                + "; expected a numeric tensor. Return tensors (or numeric arrays) per modality."
+            )
+    label = _label_tensor(flat["label"], source)
+    if not batched and label.ndim != 0:
+        raise EvidenceError(
+            f"The label of an item of {source} has shape {tuple(label.shape)}; expected one "
+            f"integer class index per sample. Return a plain int (or 0-d tensor)."
+        )
+    return tuple(chosen)
+
+
+def _label_tensor(value: Any, source: str) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(value)
+    except Exception as e:
+        raise EvidenceError(
+            f"A label of {source} is a {type(value).__name__}; expected an integer class index "
+            f"({type(e).__name__}: {e}). Return ints or integer tensors as labels."
+        ) from e
+    if t.dtype.is_floating_point:
+        if not bool(torch.isfinite(t).all()) or not bool((t == t.round()).all()):
+            raise EvidenceError(
+                f"A label of {source} is {t.tolist()!r}, not a whole number; expected integer "
+                f"class indices 0..C-1. Return class indices, not probabilities."
+            )
+    elif t.dtype.is_complex or t.dtype not in (
+        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64
+    ):
+        raise EvidenceError(
+            f"A label of {source} has dtype {t.dtype}; expected integer class indices 0..C-1."
+        )
+    t = t.to(torch.int64)
+    if t.numel() and int(t.min()) < 0:
+        raise EvidenceError(
+            f"A label of {source} is negative ({int(t.min())}); expected class indices >= 0. "
+            f"Remove or remap ignored samples (such as -1 / -100)."
+        )
+    return t
+
+
+class DictDataset(Dataset):
+    """Adapts a user's map-style Dataset so every item is one flat dict.
+
+    Items become ``{modality: float32 tensor, ..., "label": int64 scalar, extras...}`` whether the
+    wrapped dataset returns ``(inputs_dict, label)`` tuples or dicts with a ``label`` key; only
+    the chosen modalities and the extras ``ood``/``index`` are kept. Each item is checked for
+    NaN/Inf as it is read (``nan_policy="error"``); with ``"skip"`` the whole dataset is scanned
+    once up front and the bad samples are left out (``dropped`` counts them).
+    """
+
+    collate = staticmethod(collate)
+
+    def __init__(
+        self,
+        dataset: Any,
+        modalities: Sequence[str],
+        *,
+        nan_policy: str = "error",
+        num_classes: int | None = None,
+        source: str = "the dataset",
+    ) -> None:
+        _check_nan_policy(nan_policy)
+        self.dataset = dataset
+        self.modalities: tuple[str, ...] = tuple(modalities)
+        self.nan_policy = nan_policy
+        self.source = source
+        self._num_classes = num_classes
+        self._labels: np.ndarray | None = None
+        self._index: list[int] | None = None
+        self.dropped: int = 0
+        if nan_policy == "skip":
+            keep = []
+            for i in range(len(dataset)):
+                if self._nonfinite(self._convert(dataset[i])) is None:
+                    keep.append(i)
+            self.dropped = len(dataset) - len(keep)
+            if not keep:
+                raise EvidenceError(
+                    f"{source} has NaN or Inf in every sample; with --nan-policy skip nothing is "
+                    f"left. Clean the data before running mmdiag."
+                )
+            self._index = keep
+
+    def _convert(self, item: Any) -> dict[str, torch.Tensor]:
+        flat = flatten_item(item, source=self.source)
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modalities:
+            if m not in flat:
+                raise EvidenceError(
+                    f"An item of {self.source} has no input {m!r} (it has "
+                    f"{', '.join(map(repr, flat))}); expected every item to hold the same "
+                    f"modalities."
+                )
+            out[m] = torch.as_tensor(flat[m]).to(torch.float32)
+        out["label"] = _label_tensor(flat["label"], self.source)
+        for k in EXTRA_KEYS:
+            if k in flat:
+                out[k] = torch.as_tensor(flat[k])
+        return out
+
+    def _nonfinite(self, item: Mapping[str, torch.Tensor]) -> str | None:
+        for m in self.modalities:
+            if not bool(torch.isfinite(item[m]).all()):
+                return m
+        return None
+
+    def __len__(self) -> int:
+        return len(self._index) if self._index is not None else len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = self._index[i] if self._index is not None else i
+        item = self._convert(self.dataset[j])
+        bad = self._nonfinite(item)
+        if bad is not None:
+            raise EvidenceError(
+                f"Sample {j} of {self.source} has NaN or Inf in input {bad!r}; expected finite "
+                f"numbers. Clean the data, or use --nan-policy skip to drop those samples."
+            )
+        return item
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every label (int64). Read from ``.labels``/``.targets`` of the wrapped dataset when it
+        has them, else by reading every item once (then cached)."""
+        if self._labels is None:
+            found = None
+            for attr in ("labels", "targets"):
+                v = getattr(self.dataset, attr, None)
+                if v is not None and self._index is None:
+                    try:
+                        arr = np.asarray(v)
+                    except Exception:
+                        continue
+                    if arr.ndim == 1 and len(arr) == len(self.dataset) and arr.dtype.kind in "iub":
+                        found = arr.astype(np.int64)
+                        break
+            if found is None:
+                found = np.array(
+                    [int(self[i]["label"]) for i in range(len(self))], dtype=np.int64
+                )
+            self._labels = found
+        return self._labels
+
+    @property
+    def n_classes(self) -> int:
+        """``num_classes`` if given, else max label + 1 (reads :attr:`labels`)."""
+        if self._num_classes is not None:
+            return int(self._num_classes)
+        labels = self.labels
+        return int(labels.max()) + 1 if len(labels) else 0
+
+    def __repr__(self) -> str:
+        return f"DictDataset({len(self)} samples from {self.source}; modalities {self.modalities})"
+
+
+def _from_factory(
+    spec: str,
+    modalities: Sequence[str] | None,
+    kwargs: dict | None,
+    nan_policy: str,
+    num_classes: int | None,
+) -> tuple[Any, tuple[str, ...]]:
+    factory, folder = _import(spec)
+    kwargs = dict(kwargs or {})
+    if not callable(factory):
+        raise LoadError(
+            f"{spec!r} names a {type(factory).__name__}, not a class or function. Expected a "
+            f"dataset factory returning a torch Dataset or DataLoader."
+        )
+    name = _callable_name(factory, spec)
+    try:
+        with _on_sys_path(folder):
+            obj = factory(**kwargs)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no keyword arguments"
+        raise LoadError(
+            f"The dataset factory {name} raised {type(e).__name__}: {e} when called with "
+            f"{given}. Check the keyword arguments passed to it and that the factory works on its "
+            f"own."
+        ) from e
+    source = f"the dataset from {spec!r}"
+    if isinstance(obj, Mapping):
+        ds = dataset_from_arrays(
+            obj, modalities, nan_policy, num_classes=num_classes, source=source
+        )
+        return ds, ds.modalities
+    if isinstance(obj, DataLoader):
+        if nan_policy == "skip":
+            raise ConfigError(
+                f"{name} returned a DataLoader, from which mmdiag cannot drop samples, but "
+                f"--nan-policy skip was asked for. Return the Dataset instead (mmdiag batches it), "
+                f"or clean the data and use --nan-policy error."
+            )
+        try:
+            first = next(iter(obj))
+        except StopIteration:
+            raise EvidenceError(
+                f"{source} is empty: its DataLoader yields no batches; expected at least one. "
+                f"Check the split and the dataset's length."
+            ) from None
+        except Exception as e:
+            raise LoadError(
+                f"Reading the first batch of {source} raised {type(e).__name__}: {e}. Check that "
+                f"iterating the DataLoader works on its own."
+            ) from e
+        flat = flatten_item(first, source=source)
+        return obj, _check_first_item(flat, modalities, source, batched=True)
+    if isinstance(obj, IterableDataset) or not (
+        hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+    ):
+        raise ConfigError(
+            f"{name} returned a {type(obj).__name__}; expected a map-style torch Dataset (with "
+            f"__len__ and __getitem__), a DataLoader, or a dict of arrays. Wrap an iterable "
+            f"dataset in a DataLoader."
+        )
+    try:
+        n = len(obj)
+    except Exception as e:
+        raise LoadError(f"len() of {source} raised {type(e).__name__}: {e}.") from e
+    if n == 0:
+        raise EvidenceError(
+            f"{source} is empty (len() is 0); expected at least one sample. Check the split and "
+            f"the paths the dataset reads."
+        )
+    try:
+        first = obj[0]
+    except Exception as e:
+        raise LoadError(
+            f"Reading item 0 of {source} raised {type(e).__name__}: {e}. Check that indexing the "
+            f"dataset works on its own."
+        ) from e
+    chosen = _check_first_item(flatten_item(first, source=source), modalities, source, batched=False)
+    return (
+        DictDataset(obj, chosen, nan_policy=nan_policy, num_classes=num_classes, source=source),
+        chosen,
+    )
+
+
+def load_dataset(
+    spec: str,
+    modalities: Sequence[str] | None = None,
+    *,
+    kwargs: dict | None = None,
+    nan_policy: str = "error",
+    num_classes: int | None = None,
+) -> tuple[Dataset | DataLoader, tuple[str, ...]]:
+    """Load the data named by ``spec`` and return it with its modality names.
+
+    ``spec`` is a ``.npz`` file, a ``.pt`` file (dict of tensors), or a factory
+    ``"file.py:name"`` / ``"package.module:name"`` called with ``kwargs`` that returns a Dataset,
+    a DataLoader (returned unchanged) or a dict of arrays. Files come back as an
+    :class:`ArrayDataset`, factory datasets as a :class:`DictDataset`.
+    """
+    _check_nan_policy(nan_policy)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(
+            f"Expected a data spec (a .npz or .pt file, or 'file.py:factory'), found {spec!r}."
+        )
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if suffix in (".npz", ".pt", ".pth"):
+        if not path.is_file():
+            raise LoadError(
+                f"Data file {path} {'is a folder' if path.is_dir() else 'does not exist'} (looked "
+                f"in {path.resolve()}). Expected a {suffix} file; check the path given to --data."
+            )
+        if kwargs:
+            raise ConfigError(
+                f"Keyword arguments were given for the data file {path}, but only dataset "
+                f"factories ('file.py:name') take them. Drop them or use a factory."
+            )
+        arrays = _load_npz(path) if suffix == ".npz" else _load_pt_data(path)
+        ds = dataset_from_arrays(
+            arrays, modalities, nan_policy, num_classes=num_classes, source=str(path)
+        )
+        return ds, ds.modalities
+    if ":" in spec and not path.is_file():
+        return _from_factory(spec, modalities, kwargs, nan_policy, num_classes)
+    if path.exists():
+        raise ConfigError(
+            f"Data {path} is a {'folder' if path.is_dir() else repr(suffix or 'file without extension')}"
+            f"; expected a .npz file, a .pt file holding a dict of tensors, or a dataset factory "
+            f"'file.py:name'. Convert the data to .npz (np.savez) or write a factory."
+        )
+    raise LoadError(
+        f"Data {spec!r} was not found: expected a .npz or .pt file, or a dataset factory like "
+        f"'data.py:make_dataset' (with a colon). Check the path given to --data."
+    )

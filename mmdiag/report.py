@@ -1,0 +1,217 @@
+"""The report: pure data, the canonical artifact of an analysis.
+
+``report.json`` is written from :class:`Report`; CSV, HTML and plots are renderings of it, and the
+gate reads it without the model. Every value is JSON-safe (floats, strings, lists, dicts); NaN is
+written as ``null``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from mmdiag.errors import EvidenceError
+
+SCHEMA_VERSION = 1
+
+
+def json_safe(value: Any) -> Any:
+    """Recursively convert numpy/torch scalars, tuples and NaN into plain JSON values."""
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return json_safe(value.tolist())
+    if hasattr(value, "item"):
+        return json_safe(value.item())
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one diagnostic found.
+
+    Attributes:
+        name: registry name of the diagnostic.
+        value: the headline number (its meaning is in the diagnostic's docstring), or None.
+        per_modality: modality -> headline value for that modality.
+        ci: modality -> [low, high] bootstrap interval of ``per_modality`` (95% by default).
+        value_ci: [low, high] interval of ``value`` when one exists.
+        higher_is_better: whether larger per-modality values mean a healthier modality (None: neither).
+        params: the diagnostic's parameters as used.
+        details: JSON-safe extras (per class, per combination, curves).
+        summary: one line saying how to read the headline.
+    """
+
+    name: str
+    value: float | None
+    per_modality: dict[str, float]
+    ci: dict[str, list[float]] = field(default_factory=dict)
+    value_ci: list[float] | None = None
+    higher_is_better: bool | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict."""
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Result":
+        """Inverse of :meth:`to_dict` (``null`` values stay ``None``)."""
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A diagnostic that did not produce a result: ``kind`` is ``error`` (it crashed) or ``skipped`` (not applicable)."""
+
+    diagnostic: str
+    error: str
+    kind: str = "error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The summary judgement of a report.
+
+    Attributes:
+        dominant: the modality the model leans on, or None when no dominance is claimed.
+        underused: modalities contributing clearly less than their fair share.
+        severity: ``none``, ``mild`` or ``strong``.
+        recommended_fix: registry name of the fix that matches the diagnosis, or None.
+        reasons: sentences naming the diagnostics and numbers behind the judgement.
+    """
+
+    dominant: str | None
+    underused: list[str]
+    severity: str
+    recommended_fix: str | None
+    reasons: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def headline(self) -> str:
+        """A one-line reading of the verdict."""
+        if self.severity == "none" or self.dominant is None:
+            return "No modality dominance detected: " + (self.reasons[0] if self.reasons else "the measures agree on balance.")
+        under = f"; under-used: {', '.join(self.underused)}" if self.underused else ""
+        fix = f"; recommended fix: {self.recommended_fix}" if self.recommended_fix else ""
+        return f"{self.severity.capitalize()} dominance of {self.dominant}{under}{fix}."
+
+
+@dataclass
+class Report:
+    """All results of one analysis, plus how they were obtained and the verdict."""
+
+    modalities: list[str]
+    n_samples: int
+    accuracy: float
+    settings: dict[str, Any]
+    diagnostics: dict[str, Result]
+    failures: list[Failure]
+    verdict: Verdict
+    schema_version: int = SCHEMA_VERSION
+    mmdiag_version: str = ""
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document (key order fixed)."""
+        return json_safe({
+            "schema_version": self.schema_version,
+            "mmdiag_version": self.mmdiag_version,
+            "created": self.created,
+            "modalities": self.modalities,
+            "n_samples": self.n_samples,
+            "accuracy": self.accuracy,
+            "settings": self.settings,
+            "diagnostics": {k: v.to_dict() for k, v in self.diagnostics.items()},
+            "failures": [f.to_dict() for f in self.failures],
+            "verdict": self.verdict.to_dict(),
+        })
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Report":
+        """Build a report from its JSON document; EvidenceError when it is not one."""
+        try:
+            return cls(
+                schema_version=int(data["schema_version"]),
+                mmdiag_version=str(data.get("mmdiag_version", "")),
+                created=str(data.get("created", "")),
+                modalities=list(data["modalities"]),
+                n_samples=int(data["n_samples"]),
+                accuracy=float(data["accuracy"]) if data["accuracy"] is not None else float("nan"),
+                settings=dict(data.get("settings", {})),
+                diagnostics={k: Result.from_dict(v) for k, v in data["diagnostics"].items()},
+                failures=[Failure(**f) for f in data.get("failures", [])],
+                verdict=Verdict(**data["verdict"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EvidenceError(f"Not an mmdiag report: missing or malformed field ({exc}).") from None
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``report.json`` atomically (temporary file, then rename)."""
+        path = Path(path)
+        write_atomic(path, self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Report":
+        """Read a ``report.json``; EvidenceError naming the file when it cannot be read."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise EvidenceError(f"Report {path} does not exist.") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvidenceError(f"Report {path} is not readable JSON: {exc}.") from None
+        if not isinstance(data, dict):
+            raise EvidenceError(f"Report {path} is not an mmdiag report (expected a JSON object).")
+        return cls.from_dict(data)
+
+    def to_frame(self) -> "Any":
+        """Tidy table: diagnostic, modality, key, value, ci_low, ci_high (a pandas DataFrame)."""
+        import pandas as pd
+
+        rows: list[dict[str, Any]] = []
+        for name, res in self.diagnostics.items():
+            low, high = (res.value_ci or [None, None])
+            rows.append({"diagnostic": name, "modality": "", "key": "value", "value": res.value,
+                         "ci_low": low, "ci_high": high})
+            for m, v in res.per_modality.items():
+                lo, hi = res.ci.get(m, [None, None]) or [None, None]
+                rows.append({"diagnostic": name, "modality": m, "key": "value", "value": v,
+                             "ci_low": lo, "ci_high": hi})
+        frame = pd.DataFrame(rows, columns=["diagnostic", "modality", "key", "value", "ci_low", "ci_high"])
+        return frame
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,138 @@
+"""The verdict: which modality dominates, which are under-used, how badly, and which fix matches.
+
+The primary contribution measure is ``shapley`` (else ``reliance``, else ``unimodal``). With
+shares q_m = max(phi_m, 0) / sum_k max(phi_k, 0) and the candidate d = argmax_m q_m, the
+*dominance index* is D = (q_d - 1/M) / (1 - 1/M): 0 when every modality contributes equally, 1
+when d does everything. A dominance claim needs the bootstrap intervals to separate: d's interval
+must lie above the interval of at least one other modality. Severity is ``strong`` when D >=
+``strong`` (default 0.5), ``mild`` when D >= ``mild`` (default 0.2), else ``none``. Under-used
+modalities are those whose interval lies below d's and whose share is below the fair share 1/M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from mmdiag.errors import ConfigError
+from mmdiag.report import Result, Verdict
+from mmdiag.stats import positive_shares
+
+PRIMARY_ORDER = ("shapley", "reliance", "unimodal")
+
+
+@dataclass(frozen=True)
+class VerdictThresholds:
+    """Thresholds of the verdict (all documented in docs/verdict.md).
+
+    Attributes:
+        mild: dominance index from which dominance is called mild.
+        strong: dominance index from which dominance is called strong.
+        require_separation: claim dominance only when bootstrap intervals separate.
+        probe_gap: probe accuracy minus unimodal accuracy above which an encoder counts as
+            "learned but ignored by the fusion".
+        probe_floor: probe accuracy above chance by less than this means "never learned".
+        combination_floor: weakest-combination accuracy within this of chance counts as collapsed.
+        noise_calibration: Spearman correlation of the UDML noise estimator below which a
+            modality is called noisy/unreliable.
+    """
+
+    mild: float = 0.2
+    strong: float = 0.5
+    require_separation: bool = True
+    probe_gap: float = 0.15
+    probe_floor: float = 0.1
+    combination_floor: float = 0.1
+    noise_calibration: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mild <= self.strong <= 1:
+            raise ConfigError(
+                f"Verdict thresholds must satisfy 0 <= mild <= strong <= 1; found mild={self.mild}, strong={self.strong}."
+            )
+
+
+def dominance_index(shares: Mapping[str, float]) -> float:
+    """(max share - 1/M) / (1 - 1/M): 0 balanced, 1 one modality does everything."""
+    m = len(shares)
+    return (max(shares.values()) - 1.0 / m) / (1.0 - 1.0 / m)
+
+
+def _separated(res: Result, hi: str, lo: str) -> bool:
+    a, b = res.ci.get(hi), res.ci.get(lo)
+    if not a or not b or a[0] is None or b[1] is None:
+        return res.per_modality[hi] > res.per_modality[lo]
+    return a[0] > b[1]
+
+
+def recommend_fix(results: Mapping[str, Result], dominant: str, underused: Sequence[str],
+                  t: VerdictThresholds) -> tuple[str, list[str]]:
+    """The fix that matches the diagnosis (METHODS section 19) and the reasons for it."""
+    reasons: list[str] = []
+    comb = results.get("combinations")
+    if comb is not None and comb.value is not None:
+        chance = float(comb.details.get("chance", 0.0))
+        if comb.value - chance <= t.combination_floor:
+            reasons.append(
+                f"combinations: the weakest combination ({comb.details.get('weakest')}) is at "
+                f"{comb.value:.2f}, within {t.combination_floor} of chance {chance:.2f}"
+            )
+            return "modality_dropout", reasons
+    udml = results.get("udml")
+    if udml is not None:
+        cal = udml.details.get("spearman", {})
+        noisy = [m for m in underused if cal.get(m) is not None and cal[m] < t.noise_calibration]
+        if noisy:
+            reasons.append(f"udml: noise estimator poorly calibrated for {', '.join(noisy)} (noisy modality)")
+            return "udml", reasons
+    probe, uni = results.get("probe"), results.get("unimodal")
+    if probe is not None and uni is not None and underused:
+        chance = float(uni.details.get("chance", 0.0))
+        for m in underused:
+            p, u = probe.per_modality.get(m), uni.per_modality.get(m)
+            if p is None or u is None:
+                continue
+            if p - chance <= t.probe_floor:
+                reasons.append(f"probe: {m}'s encoder features barely beat chance ({p:.2f}): the encoder never learned it")
+                return "cal", reasons
+            if p - u >= t.probe_gap:
+                reasons.append(f"probe vs unimodal: {m}'s features hold {p:.2f} accuracy but the model uses {u:.2f}")
+                return "arl", reasons
+    conflict = results.get("gradient_conflict")
+    if conflict is not None and any((conflict.per_modality.get(m) or 0.0) < 0 for m in underused):
+        reasons.append("gradient_conflict: fused and unimodal gradients conflict on an under-used encoder")
+        return "mmpareto", reasons
+    reasons.append(f"{dominant} dominates the fused head's learning signal; gradient modulation slows it")
+    return "ogm_ge", reasons
+
+
+def judge(results: Mapping[str, Result], modalities: Sequence[str],
+          thresholds: VerdictThresholds | None = None) -> Verdict:
+    """Combine diagnostic results into a :class:`~mmdiag.report.Verdict`."""
+    t = thresholds or VerdictThresholds()
+    primary = next((results[n] for n in PRIMARY_ORDER if n in results), None)
+    if primary is None:
+        return Verdict(None, [], "none", None, ["no contribution diagnostic ran (shapley, reliance or unimodal)"])
+    values = {m: float(primary.per_modality[m]) for m in modalities}
+    shares = positive_shares(values)
+    dominant = max(shares, key=shares.__getitem__)
+    index = dominance_index(shares)
+    separated = [m for m in modalities if m != dominant and _separated(primary, dominant, m)]
+    reasons = [
+        f"{primary.name}: {dominant} holds {shares[dominant]:.0%} of the positive contribution "
+        f"(dominance index {index:.2f}; " + ", ".join(f"{m} {values[m]:+.3f}" for m in modalities) + ")"
+    ]
+    agree = [n for n in PRIMARY_ORDER if n in results and n != primary.name and n != "unimodal"
+             and max(results[n].per_modality, key=results[n].per_modality.__getitem__) == dominant]
+    if agree:
+        reasons.append(f"{', '.join(agree)} agree{'s' if len(agree) == 1 else ''} that {dominant} is relied on most")
+    if t.require_separation and not separated:
+        reasons.insert(0, f"the bootstrap intervals of {dominant} and the other modalities overlap, so no dominance is claimed")
+        return Verdict(None, [], "none", None, reasons)
+    severity = "strong" if index >= t.strong else "mild" if index >= t.mild else "none"
+    if severity == "none":
+        reasons.insert(0, f"dominance index {index:.2f} is below the mild threshold {t.mild}")
+        return Verdict(None, [], "none", None, reasons)
+    underused = [m for m in separated if shares[m] < 1.0 / len(modalities)]
+    fix, fix_reasons = recommend_fix(results, dominant, underused, t)
+    return Verdict(dominant, underused, severity, fix, reasons + fix_reasons)
