@@ -94,6 +94,9 @@ class Evidence:
         ood: [N] bool out-of-distribution flags when the data carries an ``ood`` key.
         head_split: [M, N, C] OGM's head-split readouts z_m = W_m h_m + b/M when the head is one
             Linear layer over the concatenated pooled features, else None.
+        probe_features: modality -> [n_p, d_m] pooled features of separate probe-training data
+            (``--probe-data``), or None (probes then split ``features``).
+        probe_labels: [n_p] labels of ``probe_features``.
         meta: JSON-safe facts: mask, mask_at, call, encoders, seeds, caps, notes.
     """
 
@@ -120,6 +123,8 @@ class Evidence:
     attribution_rows: Tensor | None = None
     ood: Tensor | None = None
     head_split: Tensor | None = None
+    probe_features: dict[str, Tensor] | None = None
+    probe_labels: Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ conveniences

@@ -63,10 +63,15 @@ class Result:
     params: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    #: per-sample columns (name -> list, one entry per evaluated row); never written to report.json,
+    #: only to ``per_sample.csv`` on request, so reports stay small and carry no raw data.
+    per_sample: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict."""
-        return json_safe(asdict(self))
+        """JSON-safe dict (without ``per_sample``)."""
+        out = asdict(self)
+        out.pop("per_sample", None)
+        return json_safe(out)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Result":

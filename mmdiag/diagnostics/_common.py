@@ -53,3 +53,13 @@ def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, n_classes: int) 
 def spread(values: dict[str, float]) -> float:
     """max - min over modalities: 0 when every modality scores the same."""
     return float(max(values.values()) - min(values.values()))
+
+
+def shapley_per_sample(ev: Evidence, values: np.ndarray) -> np.ndarray:
+    """[N, M] per-sample Shapley values for per-sample coalition values ``values`` [2^M, N].
+
+    Linear in the values, so the mean over samples is the Shapley value of the mean.
+    """
+    from mmdiag.stats import shapley_matrix
+
+    return (shapley_matrix(ev.n_modalities) @ values).T

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mmdiag.diagnostics._common import per_modality_ci, spread, subset_correct, subset_logprob
+from mmdiag.diagnostics._common import per_modality_ci, shapley_per_sample, spread, subset_correct, subset_logprob
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.evidence import Evidence, subset_name
 from mmdiag.report import Result
@@ -44,7 +44,7 @@ class Shapley(Diagnostic):
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         a = shapley_matrix(ev.n_modalities)
         correct = subset_correct(ev)
-        per_sample = (a @ correct).T  # [N, M]
+        per_sample = shapley_per_sample(ev, correct)  # [N, M]
         values = {m: float(per_sample[:, j].mean()) for j, m in enumerate(ev.modalities)}
         logp_phi = a @ subset_logprob(ev).mean(axis=1)
         v = correct.mean(axis=1)
