@@ -164,6 +164,7 @@ def analyze(
     nan_policy: str = "error",
     settings: Mapping[str, Any] | None = None,
     progress: ProgressFn | None = None,
+    probe_data: Any = None,
     return_evidence: bool = False,
 ) -> Report | tuple[Report, Evidence]:
     """Diagnose modality imbalance of a trained multimodal classifier.
@@ -181,6 +182,7 @@ def analyze(
         nan_policy: ``error`` or ``skip`` for samples with NaN/Inf inputs (dict-of-arrays data).
         settings: extra facts recorded in the report (model/checkpoint/data specs).
         progress: ``progress(stage, done, total)`` callback.
+        probe_data: separate data to train linear probes on (features of ``data`` are then the test set).
         return_evidence: also return the collected :class:`Evidence`.
     """
     dataset = as_dataset(data, modalities, nan_policy)
@@ -197,6 +199,11 @@ def analyze(
     cs = collect_settings or CollectSettings()
     cs = CollectSettings(**{**cs.__dict__, "seed": seed})
     ev = collect(adapter, dataset, needs, cs, progress)
+    if probe_data is not None and ev.features is not None:
+        probe_ev = collect(adapter, as_dataset(probe_data, modalities, nan_policy), {"features"},
+                           CollectSettings(**{**cs.__dict__, "seed": seed + 1}), progress)
+        ev.probe_features = probe_ev.features
+        ev.probe_labels = None if probe_ev.feature_rows is None else probe_ev.labels[probe_ev.feature_rows]
     report = analyze_evidence(ev, only=names, params=params, bootstrap=bootstrap, seed=seed,
                               thresholds=thresholds, settings=settings)
     dropped = getattr(dataset, "dropped", 0)

@@ -1,0 +1,5 @@
+"""``python -m mmdiag``."""
+
+from mmdiag.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The command-line interface: typer commands, rich output, config files and exit codes."""

@@ -1,0 +1,127 @@
+"""``mmdiag analyze``: load the user's model, checkpoint and data; diagnose; write the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from mmdiag.cli import config as cfg
+from mmdiag.cli.common import ProgressBar, console, handle_errors, parse_pairs, prepare_out_dir, split_list
+from mmdiag.cli.summary import print_summary
+from mmdiag.errors import ConfigError
+
+HELP = """Diagnose modality imbalance of a trained multimodal classifier.
+
+Loads --model (a factory: FILE.py:fn or package.module:fn) and --checkpoint, runs the model over
+--data once, computes the diagnostics and writes OUT/report.json and OUT/metrics.csv."""
+
+#: Flags that config files may set (the command's parameter names).
+SETTINGS = (
+    "model", "checkpoint", "data", "modalities", "call", "encoder", "head", "mask", "mask_at",
+    "trust_checkpoint", "batch_size", "num_workers", "device", "seed", "bootstrap", "only", "skip",
+    "max_subsets", "max_probe_samples", "probe_data", "per_sample", "out", "overwrite", "nan_policy",
+    "balance_of", "save_evidence", "num_classes",
+)
+
+
+def load_inputs(o: dict[str, Any], config: dict[str, Any]) -> tuple[Any, Any, tuple[str, ...], dict[str, Any]]:
+    """(model, dataset, modalities, settings for the report) from resolved options."""
+    from mmdiag.loading import build_model, load_checkpoint, load_dataset
+
+    if not o.get("model"):
+        raise ConfigError("--model is required: a factory such as my_model.py:build or package.module:build.")
+    if not o.get("data"):
+        raise ConfigError("--data is required: FILE.npz, FILE.pt, or a factory FILE.py:make_dataset.")
+    model = build_model(o["model"], cfg.table(config, "model_kwargs"))
+    info = None
+    if o.get("checkpoint"):
+        info = load_checkpoint(model, o["checkpoint"], trust=bool(o.get("trust_checkpoint")))
+    data_kwargs = cfg.table(config, "data_kwargs") or None
+    dataset, modalities = load_dataset(o["data"], split_list(o.get("modalities")), kwargs=data_kwargs,
+                                       nan_policy=o.get("nan_policy") or "error",
+                                       num_classes=o.get("num_classes"))
+    settings = {
+        "model": o["model"],
+        "checkpoint": o.get("checkpoint"),
+        "checkpoint_format": None if info is None else info.format,
+        "data": o["data"],
+    }
+    return model, dataset, tuple(modalities), settings
+
+
+@handle_errors
+def analyze(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model factory: FILE.py:fn or package.module:fn."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="state_dict (.pt/.pth/.bin) or .safetensors."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="FILE.npz, FILE.pt or a dataset factory FILE.py:fn."),
+    modalities: Optional[str] = typer.Option(None, "--modalities", help="Comma-separated modality names (default: from the data)."),
+    call: Optional[str] = typer.Option(None, "--call", help="Forward convention: dict, kwargs or positional (default: detected)."),
+    encoder: Optional[list[str]] = typer.Option(None, "--encoder", help="MODALITY=MODULE naming each encoder (repeatable)."),
+    head: Optional[str] = typer.Option(None, "--head", help="Dotted name of the fusion head (default: detected)."),
+    mask: str = typer.Option("zero", "--mask", help="How an absent modality is filled: zero, mean or noise."),
+    mask_at: Optional[str] = typer.Option(None, "--mask-at", help="input or feature (default: feature when encoders are known)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full unpickling (runs code from the file)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
+    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random choice (bootstrap, subsamples, masks)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated diagnostics to run."),
+    skip: Optional[str] = typer.Option(None, "--skip", help="Comma-separated diagnostics to leave out."),
+    max_subsets: int = typer.Option(256, "--max-subsets", help="Refuse more modality subsets (2^M) than this."),
+    max_probe_samples: int = typer.Option(2000, "--max-probe-samples", help="Cap on samples whose features feed probes and prototypes."),
+    probe_data: Optional[str] = typer.Option(None, "--probe-data", help="Separate data to train linear probes on."),
+    per_sample: bool = typer.Option(False, "--per-sample", help="Also write per-sample scores to OUT/per_sample.csv."),
+    balance_of: Optional[str] = typer.Option(None, "--balance-of", help="Contribution measure behind 'balance': shapley, reliance, cal, mdi or attribution."),
+    nan_policy: str = typer.Option("error", "--nan-policy", help="Samples with NaN/Inf inputs: error or skip."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Number of classes (default: from the labels)."),
+    save_evidence: bool = typer.Option(False, "--save-evidence", help="Also write the collected evidence to OUT/evidence.pt."),
+    out: Path = typer.Option(Path("mmdiag-report"), "--out", "-o", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in --out."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the verdict line."),
+) -> None:
+    """Diagnose modality imbalance of a trained multimodal classifier."""
+    from mmdiag.api import analyze as run_analyze
+    from mmdiag.collect import CollectSettings
+    from mmdiag.render import write_outputs
+    from mmdiag.verdict import VerdictThresholds
+
+    conf, source = cfg.find_config(config)
+    o = cfg.resolve(ctx, dict(ctx.params), conf, source, SETTINGS)
+    out_dir = prepare_out_dir(Path(o["out"]), bool(o["overwrite"]))
+    the_model, dataset, mods, settings = load_inputs(o, conf)
+    probe = None
+    if o.get("probe_data"):
+        from mmdiag.loading import load_dataset
+
+        probe, _ = load_dataset(o["probe_data"], list(mods), nan_policy=o.get("nan_policy") or "error")
+    params = {k: dict(v) for k, v in cfg.table(conf, "params").items()}
+    if o.get("balance_of"):
+        params.setdefault("balance", {})["of"] = o["balance_of"]
+    try:
+        thresholds = VerdictThresholds(**cfg.table(conf, "thresholds"))
+    except TypeError as exc:
+        raise ConfigError(f"[thresholds] in the config: {exc}.") from None
+    cs = CollectSettings(batch_size=int(o["batch_size"]), num_workers=int(o["num_workers"]), device=str(o["device"]),
+                         max_feature_samples=int(o["max_probe_samples"]), max_subsets=int(o["max_subsets"]))
+    with ProgressBar(not quiet) as bar:
+        report, ev = run_analyze(
+            the_model, dataset, modalities=mods, call=o.get("call"),
+            encoders=parse_pairs(o.get("encoder"), "--encoder"), head=o.get("head"), mask=o["mask"],
+            mask_at=o.get("mask_at"), only=split_list(o.get("only")), skip=split_list(o.get("skip")),
+            params=params, bootstrap=int(o["bootstrap"]), seed=int(o["seed"]), collect_settings=cs,
+            thresholds=thresholds, settings={**settings, "config": source}, progress=bar,
+            probe_data=probe, return_evidence=True,
+        )
+    write_outputs(report, out_dir, per_sample=report.diagnostics if o.get("per_sample") else None)
+    if o.get("save_evidence"):
+        ev.save(out_dir / "evidence.pt")
+    if quiet:
+        console.print(report.verdict.headline(), highlight=False)
+    else:
+        print_summary(report, console)
+        console.print(f"[dim]wrote {out_dir / 'report.json'} and {out_dir / 'metrics.csv'}[/]")

@@ -1,0 +1,47 @@
+"""The ``mmdiag`` command: one typer app, one module per command."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from mmdiag._version import __version__
+from mmdiag.cli.analyze import HELP as ANALYZE_HELP
+from mmdiag.cli.analyze import analyze
+from mmdiag.cli.common import STATE, console
+from mmdiag.cli.demo import demo
+from mmdiag.cli.list_cmd import list_command
+
+app = typer.Typer(
+    name="mmdiag",
+    help="Diagnose, fix and gate modality imbalance in multimodal classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"mmdiag {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def root(
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+) -> None:
+    """mmdiag: diagnose, fix and gate modality imbalance."""
+    STATE["debug"] = debug
+
+
+app.command("analyze", help=ANALYZE_HELP)(analyze)
+app.command("list")(list_command)
+app.command("demo")(demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,108 @@
+"""Shared CLI plumbing: consoles, error handling with exit codes, progress bars, small parsers."""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mmdiag.errors import ConfigError, MmdiagError
+
+console = Console()
+err_console = Console(stderr=True)
+
+STATE: dict[str, bool] = {"debug": False}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    """Turn mmdiag errors into a one-paragraph message and exit code 2 (traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MmdiagError as exc:
+            if STATE["debug"]:
+                err_console.print(traceback.format_exc(), markup=False, highlight=False)
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def split_list(value: str | None) -> list[str] | None:
+    """'a,b, c' -> ['a', 'b', 'c']; None and '' -> None."""
+    if value is None:
+        return None
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    return items or None
+
+
+def parse_pairs(values: list[str] | None, flag: str) -> dict[str, str] | None:
+    """['audio=audio_net', ...] -> {'audio': 'audio_net'}; ConfigError on a malformed item."""
+    if not values:
+        return None
+    out: dict[str, str] = {}
+    for item in values:
+        for part in str(item).split(","):
+            if not part.strip():
+                continue
+            key, sep, val = part.partition("=")
+            if not sep or not key.strip() or not val.strip():
+                raise ConfigError(f"{flag} expects MODALITY=MODULE (e.g. audio=audio_net); found {part!r}.")
+            out[key.strip()] = val.strip()
+    return out
+
+
+class ProgressBar:
+    """A rich progress bar on stderr fed by mmdiag's ``progress(stage, done, total)`` callbacks."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and err_console.is_terminal
+        self._progress: Progress | None = None
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "ProgressBar":
+        if self.enabled:
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=err_console, transient=True)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if self._progress is None:
+            return
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(stage, total=total)
+        self._progress.update(self._tasks[stage], completed=done, total=total)
+
+
+def prepare_out_dir(out: Path, overwrite: bool, marker: str = "report.json") -> Path:
+    """Create ``out``; refuse to mix with an earlier run unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder. Choose another --out.")
+    if (out / marker).exists() and not overwrite:
+        raise ConfigError(
+            f"--out {out} already holds a {marker} from an earlier run. Pass --overwrite to replace it, "
+            "or choose another --out."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def iter_lines(text: str) -> Iterator[str]:
+    yield from (line for line in text.splitlines() if line.strip())

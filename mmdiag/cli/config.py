@@ -1,0 +1,89 @@
+"""Config resolution: CLI flags > ``--config FILE`` / ``mmdiag.toml`` / ``[tool.mmdiag]`` > defaults.
+
+A config file holds the same settings as the flags (dashes or underscores), plus tables:
+``[model_kwargs]`` (passed to the model factory), ``[data_kwargs]``, ``[params.<diagnostic>]``
+(diagnostic parameters), ``[thresholds]`` (verdict thresholds) and ``[gate]`` (gate rules). An
+unknown key is an error that names the closest known key.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from mmdiag.errors import ConfigError
+from mmdiag.registry import closest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TABLES = ("model_kwargs", "data_kwargs", "params", "thresholds", "gate", "rebalance")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; ConfigError with the parser's message on a syntax error."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
+
+
+def find_config(explicit: Path | None, cwd: Path | None = None) -> tuple[dict[str, Any], str | None]:
+    """The config mapping and where it came from: --config, ./mmdiag.toml, or [tool.mmdiag] in ./pyproject.toml."""
+    if explicit is not None:
+        data = read_toml(explicit)
+        if explicit.name == "pyproject.toml":
+            data = data.get("tool", {}).get("mmdiag", {})
+        return data, str(explicit)
+    here = cwd or Path.cwd()
+    if (here / "mmdiag.toml").is_file():
+        return read_toml(here / "mmdiag.toml"), "mmdiag.toml"
+    if (here / "pyproject.toml").is_file():
+        tool = read_toml(here / "pyproject.toml").get("tool", {}).get("mmdiag")
+        if tool:
+            return dict(tool), "pyproject.toml [tool.mmdiag]"
+    return {}, None
+
+
+def normalise_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Dashes to underscores in top-level keys."""
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(ctx: Any, values: dict[str, Any], config: Mapping[str, Any], source: str | None,
+            allowed: Iterable[str]) -> dict[str, Any]:
+    """Merge config values under the command's flags.
+
+    A flag given on the command line (or by environment) wins; otherwise a config value replaces the
+    flag's default. Keys that are neither flags of the command nor known tables are an error.
+    """
+    allowed = set(allowed)
+    cfg = normalise_keys(config)
+    for key in cfg:
+        if key not in allowed and key not in TABLES:
+            near = closest(key, sorted(allowed | set(TABLES)))
+            hint = f" Did you mean {near!r}?" if near else ""
+            raise ConfigError(f"Unknown key {key!r} in {source or 'the config'}.{hint}")
+    merged = dict(values)
+    for key, value in cfg.items():
+        if key in TABLES or key not in values:
+            continue
+        # compare by name: the enum lives in click, or in typer's vendored copy of it
+        src = getattr(ctx.get_parameter_source(key), "name", None)
+        if src in ("COMMANDLINE", "ENVIRONMENT"):
+            continue
+        merged[key] = value
+    return merged
+
+
+def table(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """A table of the config (``{}`` when absent); ConfigError when it is not a table."""
+    value = normalise_keys(config).get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{name}] in the config must be a table; found {type(value).__name__}.")
+    return dict(value)
