@@ -1,0 +1,204 @@
+"""The Fix hook API and its registry.
+
+A fix is a hook object, not a trainer. Every hook is a no-op by default, so a fix implements only
+what it changes. The reference loop :func:`mmdiag.train.fit` calls them; a user's own loop adopts a
+fix with the same calls::
+
+    fix.setup(ctx)                                   # once, before training
+    for epoch ...:
+        for inputs, labels in loader:
+            step = fix_step(ctx, fix, inputs, labels, epoch)   # forward + fix.forward + fix.loss
+            optimizer.zero_grad(); step.loss.backward()
+            fix.after_backward(ctx, step)            # may rescale / replace encoder gradients
+            optimizer.step()
+        fix.on_epoch_end(ctx, epoch)
+    fix.teardown(ctx)                                # always (use try/finally): removes every hook
+
+Hooks:
+    setup(ctx): build auxiliary modules (added to ``ctx.aux`` so they are optimised and saved
+        separately from the user's state_dict), install autograd hooks (remember their handles).
+    forward(ctx, step): optionally return new fused logits computed from ``step.features`` (for
+        fixes that change fusion: gradient scaling layers at the encoder outputs, residual feature
+        scaling, bottlenecks); return None to keep the model's own logits.
+    loss(ctx, step): return the training loss (default ``step.loss``, the fused cross-entropy).
+    after_backward(ctx, step): modify encoder parameter gradients in place.
+    on_epoch_end(ctx, epoch): update epoch-level state; return signals for the history.
+    teardown(ctx): remove everything installed; called also after an exception.
+    state_dict() / load_state_dict(state): resumable state (tensors, numbers, lists).
+    signals(): latest per-modality numbers ``{"ratio.audio": 1.7, ...}`` for the progress bar and history.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmdiag.adapter import ModelAdapter
+from mmdiag.registry import Registry
+
+FIXES: Registry[type["Fix"]] = Registry("fix")
+
+
+def register_fix(cls: type["Fix"]) -> type["Fix"]:
+    """Class decorator adding a fix to :data:`FIXES` under its ``name``."""
+    return FIXES.register()(cls)
+
+
+@dataclass
+class FixContext:
+    """What a fix sees during one training run.
+
+    Attributes:
+        adapter: drives the model (modalities, encoders, masking, head-only forwards).
+        optimizer: the optimizer of the model's parameters (and of ``aux`` parameters).
+        epochs: total epochs planned.
+        n_classes: number of classes C.
+        device: training device.
+        aux: auxiliary modules added by fixes (unimodal heads, bottlenecks); saved as ``aux.pt``.
+        steps_per_epoch: batches per epoch, when known.
+        world_size: number of processes (DistributedDataParallel), 1 otherwise.
+    """
+
+    adapter: ModelAdapter
+    optimizer: torch.optim.Optimizer | None
+    epochs: int
+    n_classes: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    aux: nn.ModuleDict = field(default_factory=nn.ModuleDict)
+    steps_per_epoch: int | None = None
+    world_size: int = 1
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.adapter.modalities
+
+    def encoder_parameters(self, m: str) -> list[nn.Parameter]:
+        """Trainable parameters of modality ``m``'s encoder."""
+        return [p for p in self.adapter.encoder_module(m).parameters() if p.requires_grad]
+
+    def add_aux(self, name: str, module: nn.Module) -> nn.Module:
+        """Register an auxiliary module (moved to the device, added to the optimizer)."""
+        module = module.to(self.device)
+        self.aux[name] = module
+        if self.optimizer is not None:
+            self.optimizer.add_param_group({"params": list(module.parameters())})
+        return module
+
+
+@dataclass
+class Step:
+    """One training batch as the hooks see it.
+
+    Attributes:
+        epoch, index: epoch number (0-based) and batch index within the epoch.
+        inputs: modality -> input tensor on the device.
+        labels: [B] labels.
+        logits: [B, C] fused logits (with grad), possibly replaced by a fix's ``forward``.
+        features: modality -> encoder output (with grad), when encoders are known.
+        loss: the loss that will be back-propagated (set by :func:`fix_step`).
+        logs: numbers the fix wants in the history for this step.
+    """
+
+    epoch: int
+    index: int
+    inputs: dict[str, Tensor]
+    labels: Tensor
+    logits: Tensor
+    features: dict[str, Any] | None
+    loss: Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+
+    def readout(self, ctx: FixContext, present: tuple[str, ...] | list[str], features: Mapping[str, Any] | None = None) -> Tensor:
+        """Logits with only ``present`` modalities (others masked at the feature level), with grad.
+
+        This is the unimodal readout R2 of METHODS P1 for a single modality; it costs one call of
+        the fusion head on the cached features.
+        """
+        feats = features if features is not None else self.features
+        if feats is None:
+            return ctx.adapter.call_model(ctx.adapter.masked_inputs(self.inputs, list(present)))
+        return ctx.adapter.head_forward(self.inputs, ctx.adapter.masked_features(feats, list(present)))
+
+
+@dataclass
+class Fix(ABC):
+    """Base of every fix: no-op hooks, parameters as dataclass fields."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    #: the diagnosis this fix answers (METHODS section 19), one line.
+    matches: ClassVar[str] = ""
+    #: whether the fix needs each modality's encoder (gradient and feature fixes do).
+    needs_encoders: ClassVar[bool] = True
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def setup(self, ctx: FixContext) -> None:
+        """Called once before training."""
+
+    def forward(self, ctx: FixContext, step: Step) -> Tensor | None:
+        """Optionally replace the fused logits (return None to keep them)."""
+        return None
+
+    def loss(self, ctx: FixContext, step: Step) -> Tensor:
+        """The training loss; default: the fused cross-entropy."""
+        assert step.loss is not None
+        return step.loss
+
+    def after_backward(self, ctx: FixContext, step: Step) -> None:
+        """Modify gradients after ``loss.backward()`` and before ``optimizer.step()``."""
+
+    def on_epoch_end(self, ctx: FixContext, epoch: int) -> dict[str, float]:
+        """Epoch-level update; returns signals for the history."""
+        return {}
+
+    def teardown(self, ctx: FixContext) -> None:
+        """Remove every hook and temporary change; always called."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resumable state."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def signals(self) -> dict[str, float]:
+        """Latest per-modality signals, e.g. ``{"ratio.audio": 1.4}``."""
+        return {}
+
+
+def fix_step(ctx: FixContext, fix: Fix, inputs: Mapping[str, Tensor], labels: Tensor, epoch: int = 0,
+             index: int = 0) -> Step:
+    """Forward one batch with a fix: the model's logits (capturing encoder outputs), the fix's
+    ``forward`` and ``loss``. The caller back-propagates ``step.loss`` and calls ``after_backward``."""
+    adapter = ctx.adapter
+    inputs = dict(inputs)
+    if adapter.has_encoders:
+        logits, feats = adapter.encode(inputs)
+    else:
+        logits, feats = adapter.call_model(inputs), None
+    step = Step(epoch=epoch, index=index, inputs=inputs, labels=labels, logits=logits, features=feats)
+    replaced = fix.forward(ctx, step)
+    if replaced is not None:
+        step.logits = replaced
+    step.loss = F.cross_entropy(step.logits, labels)
+    step.loss = fix.loss(ctx, step)
+    return step
+
+
+@dataclass
+class PlainTraining(Fix):
+    """No fix: ordinary joint training with the fused cross-entropy (the baseline)."""
+
+    name: ClassVar[str] = "none"
+    summary: ClassVar[str] = "no fix: plain joint training (the baseline)"
+    needs_encoders: ClassVar[bool] = False
+
+
+FIXES.register()(PlainTraining)
