@@ -454,7 +454,8 @@ class ModelAdapter:
 
         Runs the model once (validating the logits), and when masking at the feature level, checks
         that feeding the captured encoder outputs back through stubbed encoders reproduces the
-        logits. If it does not (the model reuses an encoder, or a modality bypasses its encoder),
+        logits even when the raw inputs are zeroed. If it does not (the model reuses an encoder, or
+        a modality bypasses its encoder),
         feature-level masking would be wrong: the adapter switches to input masking and says why.
         """
         with torch.no_grad():
@@ -463,7 +464,10 @@ class ModelAdapter:
                 return
             try:
                 logits, feats = self.encode(inputs)
-                replay = self.head_forward(inputs, feats)
+                # Replay with the inputs zeroed: if the logits still match, each modality reaches
+                # the rest of the network only through its encoder's output.
+                blank = {m: torch.zeros_like(t) for m, t in inputs.items()}
+                replay = self.head_forward(blank, feats)
                 calls_ok = True
             except AdapterError as exc:
                 if self.mask_at == "feature":

@@ -1,0 +1,148 @@
+"""collect: evidence equals brute-force masking, leaves the model untouched, handles bad data."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from mmdiag.adapter import ModelAdapter
+from mmdiag.collect import CollectSettings, collect
+from mmdiag.errors import ConfigError, EvidenceError
+from mmdiag.evidence import members
+from mmdiag.loading import dataset_from_arrays
+from mmdiag.synthetic import ToyNet, make_toy
+from toys import ALL_KINDS, toy_split, trained_toy
+
+CPU = dict(device="cpu", batch_size=64, max_attribution_samples=16, max_noise_samples=32, ig_steps=8)
+
+
+def _setup(m_count=2, n=150):
+    strength = (3.0, 0.8) if m_count == 2 else tuple([2.0] + [1.0] * (m_count - 1))
+    model = trained_toy(strength)
+    test = toy_split(strength)[1]
+    test = {k: v[:n] for k, v in test.items()}
+    return model, test, [k for k in test if k != "label"]
+
+
+def test_subset_logits_match_brute_force_masking():
+    model, test, names = _setup(3)
+    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"subsets"}, CollectSettings(**CPU))
+    x = {m: torch.as_tensor(test[m])[ev.index] for m in names}
+    torch.testing.assert_close(ev.labels, torch.as_tensor(test["label"])[ev.index])
+    with torch.no_grad():
+        feats = {m: model.encoders[m](x[m]) for m in names}
+        for mask in range(1 << 3):
+            present = members(mask, names)
+            cat = torch.cat([feats[m] if m in present else torch.zeros_like(feats[m]) for m in names], 1)
+            torch.testing.assert_close(ev.subsets[mask], model.head(cat), atol=1e-5, rtol=1e-5)
+
+
+def test_head_split_readout_relation():
+    """R2 (feature zero-masking) = R1 (head split) + b (M-1)/M for a linear concat head."""
+    model, test, names = _setup(2)
+    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"subsets"}, CollectSettings(**CPU))
+    assert ev.head_split is not None and ev.meta["head_split"]
+    b = model.head.bias.detach()
+    for j, m in enumerate(names):
+        torch.testing.assert_close(ev.subset_logits([m]), ev.head_split[j] + b / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_model_is_left_untouched():
+    model, test, names = _setup(2)
+    model = copy.deepcopy(model).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), set(ALL_KINDS), CollectSettings(**CPU))
+    assert ev.grad_x_act is not None and ev.grad_cosine is not None and ev.attribution is not None
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in model.parameters())
+    for mod in model.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks and not mod._backward_hooks
+    assert type(model.encoders["audio"]).__name__ == "Sequential"
+
+
+def test_grad_x_act_matches_autograd_by_hand():
+    model, test, names = _setup(2, n=20)
+    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"grad_x_act"}, CollectSettings(**CPU))
+    x = {m: torch.as_tensor(test[m])[ev.index[ev.grad_rows]] for m in names}
+    y = ev.labels[ev.grad_rows]
+    feats = {m: model.encoders[m](x[m]).detach().requires_grad_(True) for m in names}
+    loss = torch.nn.functional.cross_entropy(model.head(torch.cat([feats[m] for m in names], 1)), y, reduction="sum")
+    loss.backward()
+    for j, m in enumerate(names):
+        ref = (feats[m].grad * feats[m]).sum(1).abs()
+        torch.testing.assert_close(ev.grad_x_act[:, j], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_rows_are_shuffled_and_mapped_back():
+    data = make_toy(n=100, strength=(1, 1))
+    data["label"] = np.sort(data["label"])  # a label-sorted file
+    model = ToyNet(["audio", "visual"]).eval()
+    ev = collect(ModelAdapter(model, ("audio", "visual")), dataset_from_arrays(data), {"subsets"}, CollectSettings(**CPU))
+    assert sorted(ev.index.tolist()) == list(range(100))
+    assert not torch.equal(ev.index, torch.arange(100))
+    assert torch.equal(ev.labels, torch.as_tensor(data["label"])[ev.index])
+
+
+def test_same_seed_same_evidence_different_seed_different_order():
+    model, test, names = _setup(2)
+    ds = dataset_from_arrays(test)
+    a = collect(ModelAdapter(model, tuple(names)), ds, {"subsets", "permutations"}, CollectSettings(**CPU))
+    b = collect(ModelAdapter(model, tuple(names)), ds, {"subsets", "permutations"}, CollectSettings(**CPU))
+    c = collect(ModelAdapter(model, tuple(names)), ds, {"subsets"}, CollectSettings(**{**CPU, "seed": 5}))
+    assert torch.equal(a.subsets, b.subsets) and torch.equal(a.perm_correct, b.perm_correct)
+    assert not torch.equal(a.index, c.index)
+
+
+def test_nan_logits_and_label_range_are_evidence_errors():
+    class NanNet(ToyNet):
+        def forward(self, inputs):
+            return super().forward(inputs) * float("nan")
+
+    data = make_toy(n=20, strength=(1, 1))
+    with pytest.raises(EvidenceError, match="NaN or Inf logits for 20 of"):
+        collect(ModelAdapter(NanNet(["audio", "visual"]), ("audio", "visual")), dataset_from_arrays(data),
+                {"subsets"}, CollectSettings(**CPU))
+    data["label"][0] = 9
+    with pytest.raises(EvidenceError, match="Labels go up to 9"):
+        collect(ModelAdapter(ToyNet(["audio", "visual"]), ("audio", "visual")), dataset_from_arrays(data),
+                {"subsets"}, CollectSettings(**CPU))
+
+
+def test_too_many_subsets_refused_unless_allowed():
+    names = [f"m{j}" for j in range(9)]
+    data = make_toy(n=8, strength=[1.0] * 9, modalities=names)
+    ad = ModelAdapter(ToyNet(names), tuple(names))
+    with pytest.raises(ConfigError, match="512 subsets.*--max-subsets"):
+        collect(ad, dataset_from_arrays(data), {"subsets"}, CollectSettings(**CPU))
+    ev = collect(ad, dataset_from_arrays(data), {"subsets"}, CollectSettings(**{**CPU, "max_subsets": 512}))
+    assert ev.subsets.shape[0] == 512
+
+
+def test_black_box_skips_encoder_kinds_with_reason():
+    class Blob(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(16, 4)
+
+        def forward(self, a, v):
+            return self.net(torch.cat([a, v], 1))
+
+    data = make_toy(n=30, strength=(1, 1))
+    ev = collect(ModelAdapter(Blob(), ("audio", "visual")), dataset_from_arrays(data), {"subsets", "features"},
+                 CollectSettings(**CPU))
+    assert ev.features is None and "black box" in ev.meta["unavailable"]["features"]
+    assert ev.subsets is not None
+
+
+def test_evidence_save_load_round_trip(tmp_path):
+    model, test, names = _setup(2)
+    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"subsets", "features"}, CollectSettings(**CPU))
+    ev.save(tmp_path / "ev.pt")
+    back = type(ev).load(tmp_path / "ev.pt")
+    assert torch.equal(back.subsets, ev.subsets) and back.modalities == ev.modalities
+    assert torch.equal(back.features["audio"], ev.features["audio"])
