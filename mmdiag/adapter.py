@@ -390,7 +390,8 @@ class ModelAdapter:
         if self.mask == "zero" or m not in stats.mean:
             return torch.zeros_like(value)
         mean = torch.as_tensor(stats.mean[m], dtype=value.dtype, device=value.device).expand_as(value)
-        if self.mask == "mean":
+        if self.mask == "mean" or not value.dtype.is_floating_point:
+            # integer inputs (token ids) cannot carry Gaussian noise: they get the rounded mean
             return mean.clone()
         std = torch.as_tensor(stats.std[m], dtype=value.dtype, device=value.device).expand_as(value)
         noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device="cpu").to(value.device)

@@ -782,7 +782,7 @@ def collate(items: Sequence[Any]) -> Any:
 class ArrayDataset(Dataset):
     """Validated in-memory arrays: one per modality, integer labels, optional extras.
 
-    ``dataset[i]`` is ``{modality: float32 tensor, ..., "label": int64 scalar, extras...}``.
+    ``dataset[i]`` is ``{modality: float32 (int64 for integer data) tensor, ..., "label": int64 scalar, extras...}``.
     Attributes: ``modalities``, ``n_classes``, ``labels`` (``np.ndarray`` of int64), ``arrays``
     (modality name -> float32 ``np.ndarray``), ``extras``, ``dropped`` (samples removed by
     ``nan_policy="skip"``) and ``source`` (where the data came from, for messages). Build it with
@@ -816,7 +816,7 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item: dict[str, torch.Tensor] = {
-            m: torch.from_numpy(np.array(a[i], dtype=np.float32)) for m, a in self.arrays.items()
+            m: torch.from_numpy(np.array(a[i], dtype=a.dtype)) for m, a in self.arrays.items()
         }
         item["label"] = torch.tensor(int(self.labels[i]), dtype=torch.int64)
         for k, a in self.extras.items():
@@ -836,6 +836,20 @@ class ArrayDataset(Dataset):
             f"ArrayDataset({len(self)} samples from {self.source}: {shapes}; "
             f"{self.n_classes} classes)"
         )
+
+
+def input_dtype(dtype: Any) -> np.dtype:
+    """The dtype a modality is fed to the model in: int64 for integer or bool data (token ids,
+    category codes, which embeddings need), float32 for everything else."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.int64) if (np.issubdtype(dtype, np.integer) or dtype == np.bool_) else np.dtype(np.float32)
+
+
+def _as_input_tensor(value: Any) -> torch.Tensor:
+    t = torch.as_tensor(value)
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        return t.to(torch.float32)
+    return t.to(torch.int64)
 
 
 def _check_nan_policy(nan_policy: str) -> None:
@@ -1082,7 +1096,7 @@ def dataset_from_arrays(
         labels = labels[keep]
         extras = {k: a[keep] for k, a in extras.items()}
 
-    mods = {m: np.ascontiguousarray(a, dtype=np.float32) for m, a in mods.items()}
+    mods = {m: np.ascontiguousarray(a, dtype=input_dtype(a.dtype)) for m, a in mods.items()}
     return ArrayDataset(
         mods, labels, extras, n_classes=num_classes, dropped=dropped, source=source
     )
@@ -1302,7 +1316,7 @@ class DictDataset(Dataset):
                     f"{', '.join(map(repr, flat))}); expected every item to hold the same "
                     f"modalities."
                 )
-            out[m] = torch.as_tensor(flat[m]).to(torch.float32)
+            out[m] = _as_input_tensor(flat[m])
         out["label"] = _label_tensor(flat["label"], self.source)
         for k in EXTRA_KEYS:
             if k in flat:

@@ -163,3 +163,30 @@ def test_mean_and_noise_masks_use_stats():
     g = torch.Generator().manual_seed(0)
     noisy = ad.masked_inputs(x, ["audio"], g)["visual"]
     assert noisy.std() > 0.3 and abs(noisy.mean() - 2.0) < 0.8
+
+
+def test_integer_token_inputs_run_end_to_end():
+    """A text-like modality of token ids (embedding encoder) next to a float modality."""
+    import numpy as np
+
+    import mmdiag
+
+    class TextImage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_net = nn.EmbeddingBag(20, 8)
+            self.image_net = nn.Linear(4, 8)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, text, image):
+            return self.head(torch.cat([self.text_net(text), self.image_net(image)], 1))
+
+    rng = np.random.default_rng(0)
+    data = {"text": rng.integers(0, 20, size=(40, 5)), "image": rng.normal(size=(40, 4)).astype(np.float32),
+            "label": rng.integers(0, 3, size=40)}
+    for mask in ("zero", "mean", "noise"):
+        report = mmdiag.analyze(TextImage(), data, mask=mask, mask_at="input", bootstrap=10,
+                                only=["shapley", "reliance", "unimodal", "combinations"],
+                                collect_settings=mmdiag.CollectSettings(device="cpu"))
+        assert set(report.diagnostics) == {"shapley", "reliance", "unimodal", "combinations"}
+        assert not report.failures
