@@ -307,13 +307,27 @@ class ModelAdapter:
         return bool(self.encoders)
 
     def call_model(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Run the model on a batch of modality tensors; returns validated logits [B, C]."""
-        if self.call == "dict":
-            out = self.model({m: inputs[m] for m in self.modalities})
-        elif self.call == "kwargs":
-            out = self.model(**{m: inputs[m] for m in self.modalities})
-        else:
-            out = self.model(*[inputs[m] for m in self.modalities])
+        """Run the model on a batch of modality tensors; returns validated logits [B, C].
+
+        An exception raised by the model's forward becomes an :class:`AdapterError` that shows the
+        call convention and the input shapes, because it almost always means the data or the
+        convention does not fit the model.
+        """
+        try:
+            if self.call == "dict":
+                out = self.model({m: inputs[m] for m in self.modalities})
+            elif self.call == "kwargs":
+                out = self.model(**{m: inputs[m] for m in self.modalities})
+            else:
+                out = self.model(*[inputs[m] for m in self.modalities])
+        except (TypeError, RuntimeError, ValueError, IndexError, KeyError) as exc:
+            shapes = ", ".join(f"{m}={tuple(inputs[m].shape)}:{str(inputs[m].dtype).replace('torch.', '')}"
+                               for m in self.modalities)
+            raise AdapterError(
+                f"The model's forward raised {type(exc).__name__}: {exc}. It was called with "
+                f"{self.call} inputs ({shapes}). Check --modalities (names and order), --call "
+                "dict|kwargs|positional, and that the data has the shapes the model expects."
+            ) from exc
         logits = logits_of(out)
         batch = next(iter(inputs.values())).shape[0]
         if logits.dim() != 2 or logits.shape[0] != batch:

@@ -189,6 +189,14 @@ def _check_finite(logits: Tensor, what: str) -> None:
         )
 
 
+def _check_labels(labels: Tensor, n_classes: int) -> None:
+    if labels.numel() and (int(labels.max()) >= n_classes or int(labels.min()) < 0):
+        raise EvidenceError(
+            f"Labels go up to {int(labels.max())} but the model outputs {n_classes} classes "
+            "(labels must be 0..C-1). Check the label column or the model's number of classes."
+        )
+
+
 class _Collector:
     """State of one collection pass; :func:`collect` is its public face."""
 
@@ -510,6 +518,7 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
             else:
                 logits, feats = a.call_model(inputs), None
             _check_finite(logits, "all modalities present")
+            _check_labels(labels, logits.shape[1])
             acc["labels"].append(labels.cpu())
             acc["logits"].append(logits.float().cpu())
             if "index" in extras:
@@ -578,11 +587,11 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
     labels = cat("labels")
     assert labels is not None
     logits = cat("logits")
-    n_classes = int(max(int(logits.shape[1]), int(labels.max()) + 1))  # type: ignore[union-attr]
-    if int(labels.max()) >= logits.shape[1]:  # type: ignore[union-attr]
+    n_classes = int(logits.shape[1])  # type: ignore[union-attr]
+    if torch.unique(labels).numel() < 2:
         raise EvidenceError(
-            f"Labels go up to {int(labels.max())} but the model outputs {logits.shape[1]} classes "  # type: ignore[union-attr]
-            "(labels must be 0..C-1). Check the label column or the model's number of classes."
+            f"The evaluation data has only one class (label {int(labels[0])}): accuracy-based "
+            "contributions are undefined. Evaluate on data with at least two classes."
         )
     ev = Evidence(
         modalities=a.modalities,

@@ -64,7 +64,7 @@ def test_call_style_detected_and_logits_extracted(cls, style):
 def test_call_override_wins_and_wrong_override_fails_clearly():
     model = Positional()
     ad = ModelAdapter(model, MODS, call="kwargs")
-    with pytest.raises(TypeError):
+    with pytest.raises(AdapterError, match="called with kwargs inputs .*--call"):
         ad.call_model(batch())
     with pytest.raises(ConfigError, match="--call"):
         ModelAdapter(model, MODS, call="banana")  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mmdiag.errors import ConfigError, MmdiagError
@@ -31,7 +32,7 @@ def handle_errors(fn: F) -> F:
         except MmdiagError as exc:
             if STATE["debug"]:
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -91,8 +92,12 @@ class ProgressBar:
         self._progress.update(self._tasks[stage], completed=done, total=total)
 
 
-def prepare_out_dir(out: Path, overwrite: bool, marker: str = "report.json") -> Path:
-    """Create ``out``; refuse to mix with an earlier run unless ``overwrite``."""
+def prepare_out_dir(out: Path, overwrite: bool, marker: str = "report.json", create: bool = False) -> Path:
+    """Check ``out`` before any work: refuse to mix with an earlier run unless ``overwrite``.
+
+    The folder is created only when ``create`` (otherwise by the writer, once there is something
+    to write), so a run that fails while loading leaves nothing behind.
+    """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder. Choose another --out.")
     if (out / marker).exists() and not overwrite:
@@ -100,7 +105,8 @@ def prepare_out_dir(out: Path, overwrite: bool, marker: str = "report.json") -> 
             f"--out {out} already holds a {marker} from an earlier run. Pass --overwrite to replace it, "
             "or choose another --out."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

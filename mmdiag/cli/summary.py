@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmdiag.report import Report
@@ -37,7 +38,7 @@ def print_summary(report: Report, console: Console) -> None:
     """The table, skipped/failed diagnostics with reasons, and the one-line verdict."""
     console.print(summary_table(report))
     for f in report.failures:
-        console.print(f"[dim]{f.diagnostic} {f.kind}: {f.error}[/]", highlight=False)
+        console.print(f"[dim]{f.diagnostic} {f.kind}: {escape(f.error)}[/]", highlight=False)
     v = report.verdict
     colour = {"strong": "red", "mild": "yellow"}.get(v.severity, "green")
-    console.print(f"[bold {colour}]verdict:[/] {v.headline()}", highlight=False)
+    console.print(f"[bold {colour}]verdict:[/] {escape(v.headline())}", highlight=False)
