@@ -22,7 +22,7 @@ from mmdiag.collect import CollectSettings, ProgressFn, collect
 from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic
 from mmdiag.errors import ConfigError, EvidenceError, MmdiagError
 from mmdiag.evidence import ENCODER_KINDS, Evidence
-from mmdiag.report import Failure, Report, Result
+from mmdiag.report import Failure, Report, Result, json_safe
 from mmdiag.verdict import VerdictThresholds, judge
 
 
@@ -121,7 +121,7 @@ def analyze_evidence(ev: Evidence, *, only: Sequence[str] | None = None, skip: S
         modalities=list(ev.modalities),
         n_samples=ev.n_samples,
         accuracy=float(ev.correct().mean()),
-        settings={
+        settings=json_safe({
             **dict(settings or {}),
             "mask": ev.meta.get("mask"),
             "mask_at": ev.meta.get("mask_at"),
@@ -136,7 +136,7 @@ def analyze_evidence(ev: Evidence, *, only: Sequence[str] | None = None, skip: S
             "head_split": ev.meta.get("head_split"),
             "versions": {"mmdiag": __version__, "torch": torch.__version__, "numpy": np.__version__,
                          "python": platform.python_version()},
-        },
+        }),
         diagnostics=results,
         failures=failures,
         verdict=verdict,
