@@ -167,7 +167,7 @@ class Report:
                 failures=[Failure(**f) for f in data.get("failures", [])],
                 verdict=Verdict(**data["verdict"]),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise EvidenceError(f"Not an mmdiag report: missing or malformed field ({exc}).") from None
 
     def to_json(self, indent: int = 2) -> str:
