@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmdiag.adapter import MaskStats, ModelAdapter, first_tensor, map_tensors, pool, unwrap
 from mmdiag.errors import AdapterError, ConfigError, EvidenceError
-from mmdiag.evidence import ENCODER_KINDS, EVIDENCE_KINDS, Evidence, members
+from mmdiag.evidence import ENCODER_KINDS, EVIDENCE_KINDS, Evidence, members, merge_evidence
 
 #: progress(stage, done, total) is called as batches finish; total may be None.
 ProgressFn = Callable[[str, int, "int | None"], None]
@@ -143,6 +143,30 @@ def make_loader(data: Dataset | DataLoader, settings: CollectSettings, rows: Seq
         data, batch_size=settings.batch_size, sampler=list(rows), num_workers=settings.num_workers
     )
     return loader, list(rows)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialised (e.g. under torchrun), else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _per_rank(s: CollectSettings, world: int) -> CollectSettings:
+    """Split the subsample caps between processes so the total stays the same."""
+    caps = ("max_feature_samples", "max_grad_samples", "max_noise_samples", "max_attribution_samples")
+    return CollectSettings(**{**s.__dict__, **{c: -(-getattr(s, c) // world) for c in caps}})
+
+
+def gather_evidence(ev: Evidence, world: int) -> Evidence:
+    """Every process's evidence, merged in rank order (the result is the same on every rank)."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, ev.to_dict())
+    return merge_evidence([Evidence.from_dict(p) for p in parts])
 
 
 def _pick(n: int | None, cap: int, seed: int) -> set[int] | None:
@@ -471,7 +495,16 @@ def collect(
             "Raise --max-subsets if you accept the cost, or skip shapley/combinations/reliance/unimodal."
         )
     col = _Collector(adapter, wanted, s, progress)
-    loader, rows = make_loader(data, s)
+    rank, world = distributed_rank()
+    if world > 1 and not isinstance(data, DataLoader):
+        # each process evaluates every world-th row of the shuffled order; caps are split too
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(s.seed)).tolist()  # type: ignore[arg-type]
+        loader, rows = make_loader(data, s, order[rank::world])
+        stats_loader, _ = make_loader(data, s, order[: s.stats_samples])  # the same rows on every rank
+        col.s = s = _per_rank(s, world)
+    else:
+        loader, rows = make_loader(data, s)
+        stats_loader = loader
     n_total = len(rows) if rows is not None else None
     model = adapter.model
     original_device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -490,9 +523,12 @@ def collect(
                     )
                 wanted -= ENCODER_KINDS
             if adapter.needs_stats() or "noise_features" in wanted:
-                col.estimate_stats(loader)
+                col.estimate_stats(stats_loader)
             col.detect_concat_linear_head(first[1])
-            return _main_pass(col, loader, rows, n_total)
+            ev = _main_pass(col, loader, rows, n_total)
+            if world > 1 and not isinstance(data, DataLoader):
+                ev = gather_evidence(ev, world)
+            return ev
     finally:
         model.to(original_device)
 

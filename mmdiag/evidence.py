@@ -265,3 +265,63 @@ class Evidence:
             kw["attribution_delta"] = None if self.attribution_delta is None else self.attribution_delta[keep]
         kw["modalities"] = self.modalities
         return Evidence(**kw)
+
+
+def merge_evidence(parts: Sequence[Evidence]) -> Evidence:
+    """Concatenate evidence gathered on disjoint shards of the data (one part per process).
+
+    Per-sample fields are concatenated; subsample row numbers are shifted by the rows of the parts
+    before them; per-batch gradient cosines are concatenated. ``param_grad_norm`` (the norm of a
+    mean gradient, which cannot be merged exactly from norms) becomes the row-weighted mean of the
+    parts' norms, and the meta records that.
+    """
+    parts = [p for p in parts if p.n_samples > 0]
+    if not parts:
+        raise EvidenceError("No evidence to merge: every shard was empty.")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    offsets = [0]
+    for p in parts[:-1]:
+        offsets.append(offsets[-1] + p.n_samples)
+
+    def cat(name: str, dim: int = 0) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None
+        return torch.cat(values, dim=dim)
+
+    def rows(name: str) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None
+        return torch.cat([v + off for v, off in zip(values, offsets)])
+
+    def cat_dict(name: str, dim: int = 0) -> dict[str, Tensor] | None:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None
+        return {m: torch.cat([v[m] for v in values], dim=dim) for m in first.modalities}
+
+    norm = None
+    if all(p.param_grad_norm is not None and p.grad_batch_sizes is not None for p in parts):
+        weights = torch.tensor([float(p.grad_batch_sizes.sum()) for p in parts])  # type: ignore[union-attr]
+        norm = (torch.stack([p.param_grad_norm for p in parts]) * weights[:, None]).sum(0) / weights.sum()  # type: ignore[misc]
+    meta = dict(first.meta)
+    meta["shards"] = len(parts)
+    unavailable: dict[str, str] = {}
+    for p in parts:
+        unavailable.update(p.meta.get("unavailable", {}))
+    meta["unavailable"] = unavailable
+    return Evidence(
+        modalities=first.modalities, n_classes=first.n_classes,
+        labels=cat("labels"), logits=cat("logits"), index=cat("index"),  # type: ignore[arg-type]
+        subsets=cat("subsets", 1), features=cat_dict("features"), feature_rows=rows("feature_rows"),
+        grad_x_act=cat("grad_x_act"), grad_rows=rows("grad_rows"), param_grad_norm=norm,
+        grad_cosine=cat("grad_cosine"), grad_batch_sizes=cat("grad_batch_sizes"),
+        perm_correct=cat("perm_correct", 2), perm_nll=cat("perm_nll", 2), noise_levels=first.noise_levels,
+        noise_features=cat_dict("noise_features", 1), noise_rows=rows("noise_rows"),
+        attribution=cat("attribution"), attribution_delta=cat("attribution_delta"),
+        attribution_rows=rows("attribution_rows"), ood=cat("ood"), head_split=cat("head_split", 1),
+        probe_features=first.probe_features, probe_labels=first.probe_labels, meta=meta,
+    )
