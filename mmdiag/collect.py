@@ -396,15 +396,22 @@ class _Collector:
             if "param_grads" in self.needs:
                 z, feats = a.encode(inputs)
                 fused = F.cross_entropy(z.float(), labels)
-                cos, norms, fused_grads = [], [], []
-                for m in a.modalities:
-                    params = [p for p in a.encoder_module(m).parameters() if p.requires_grad]
+                cos, fused_grads = [], []
+                per_modality = {m: [p for p in a.encoder_module(m).parameters() if p.requires_grad] for m in a.modalities}
+                for m, params in per_modality.items():
                     if not params:
                         raise EvidenceError(
                             f"The encoder of {m!r} has no trainable parameters (frozen), so parameter "
                             "gradients are undefined."
                         )
-                    g_f = torch.autograd.grad(fused, params, retain_graph=True, allow_unused=True)
+                # one backward of the fused loss for every encoder, then one per unimodal loss: M + 1
+                flat = [p for m in a.modalities for p in per_modality[m]]
+                all_fused = torch.autograd.grad(fused, flat, retain_graph=True, allow_unused=True)
+                start = 0
+                for m in a.modalities:
+                    params = per_modality[m]
+                    g_f = all_fused[start:start + len(params)]
+                    start += len(params)
                     only = a.head_forward(inputs, a.masked_features(feats, [m], self.gen))
                     g_u = torch.autograd.grad(F.cross_entropy(only.float(), labels), params,
                                               retain_graph=True, allow_unused=True)

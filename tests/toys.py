@@ -38,19 +38,29 @@ def toy_data(strength: Sequence[float] = DOMINANT, seed: int = 0) -> dict:
     return toy_split(tuple(strength), seed)[0]
 
 
-@functools.lru_cache(maxsize=None)
 def trained_toy(strength: Sequence[float] = DOMINANT, seed: int = 0, fusion: str = "concat",
                 epochs: int = 8) -> ToyNet:
+    """A ToyNet trained on the knob's training half (cached; positional and keyword calls share it)."""
+    return _trained_toy(tuple(strength), int(seed), str(fusion), int(epochs))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_toy(strength: tuple[float, ...], seed: int, fusion: str, epochs: int) -> ToyNet:
     torch.manual_seed(seed)
     names = names_for(len(strength))
     model = ToyNet(names, fusion=fusion)  # type: ignore[arg-type]
     return fit_toy(model, toy_data(tuple(strength), seed=seed), epochs=epochs, seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
 def toy_evidence(strength: Sequence[float] = DOMINANT, seed: int = 0, fusion: str = "concat",
                  kinds: Sequence[str] = ALL_KINDS, mask: str = "zero", mask_at: str | None = None) -> Evidence:
-    """Evidence of a trained ToyNet on held-out data of the same knob (different seed)."""
+    """Evidence of a trained ToyNet on the knob's held-out half (cached)."""
+    return _toy_evidence(tuple(strength), int(seed), str(fusion), tuple(sorted(kinds)), mask, mask_at)
+
+
+@functools.lru_cache(maxsize=None)
+def _toy_evidence(strength: tuple[float, ...], seed: int, fusion: str, kinds: tuple[str, ...], mask: str,
+                  mask_at: str | None) -> Evidence:
     model = trained_toy(tuple(strength), seed, fusion)
     names = names_for(len(strength))
     data = dataset_from_arrays(toy_split(tuple(strength), seed)[1])
