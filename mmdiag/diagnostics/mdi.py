@@ -1,0 +1,193 @@
+"""mdi: Modality Dominance Index, feature entropy combined with gradient contribution (proposed)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from mmdiag.diagnostics._resample import bootstrap_mean_draws, ci_dict, interval, resample_rows
+from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
+from mmdiag.errors import ConfigError, EvidenceError
+from mmdiag.evidence import Evidence
+from mmdiag.report import Result
+
+#: shares are floored at this value inside the log ratio, so a modality that contributes nothing
+#: gives a large finite headline (about 13.8) instead of an infinite one.
+SHARE_FLOOR = 1e-6
+
+
+def spectral_entropy(x: np.ndarray) -> float:
+    """Normalised spectral entropy of the rows of ``x`` [n, d] (centred over the rows).
+
+    q_j = lambda_j / sum lambda, lambda_j the eigenvalues of the centred Gram matrix (squared
+    singular values); H = -sum q_j log q_j / log(min(n, d)). 0 when the centred matrix is zero
+    (a constant modality carries no information) or when min(n, d) < 2.
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(x.shape[0], -1)
+    n, d = x.shape
+    if min(n, d) < 2:
+        return 0.0
+    xc = x - x.mean(axis=0, keepdims=True)
+    gram = xc.T @ xc if d <= n else xc @ xc.T
+    lam = np.clip(np.linalg.eigvalsh(gram), 0.0, None)
+    total = lam.sum()
+    if not np.isfinite(total) or total <= 0.0:
+        return 0.0
+    q = lam / total
+    q = q[q > 0]
+    return float(-(q * np.log(q)).sum() / math.log(min(n, d)))
+
+
+def _shares(values: np.ndarray) -> np.ndarray:
+    """values / sum over the last axis; uniform where the sum is not positive."""
+    values = np.asarray(values, dtype=np.float64)
+    total = values.sum(axis=-1, keepdims=True)
+    uniform = np.full_like(values, 1.0 / values.shape[-1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, values / np.where(total > 0, total, 1.0), uniform)
+
+
+def combine(g_share: np.ndarray, h_share: np.ndarray, lam: float) -> np.ndarray:
+    """MDI_m = g_m^lam * h_m^(1 - lam), renormalised over the last axis (uniform if all zero)."""
+    raw = np.power(g_share, lam) * np.power(h_share, 1.0 - lam)
+    return _shares(raw)
+
+
+def log_ratio(mdi: np.ndarray) -> np.ndarray:
+    """Headline over the last axis: log(MDI_1 / MDI_2) for two modalities, log(max / min) beyond."""
+    floored = np.maximum(mdi, SHARE_FLOOR)
+    if mdi.shape[-1] == 2:
+        return np.log(floored[..., 0] / floored[..., 1])
+    return np.log(floored.max(axis=-1) / floored.min(axis=-1))
+
+
+@register_diagnostic
+@dataclass(frozen=True)
+class MDI(Diagnostic):
+    """Modality Dominance Index (MDACL, Liu et al. 2026): gradient contribution x feature entropy.
+
+    mmdiag's definition: the MDACL paper gives only its abstract ("MDI ... jointly modeling feature
+    entropy and gradient contribution"), so this operationalisation is mmdiag's own (METHODS 17.1,
+    PROPOSED), not the authors' formula.
+
+    Definition, for modalities m = 1..M:
+
+    - Feature entropy H_m: centre the pooled features h_m [n, d_m] over the n rows, take the
+      eigenvalues lambda_j of their Gram matrix (squared singular values), q_j = lambda_j / sum
+      lambda, H_m = -sum_j q_j log q_j / log(min(n, d_m)) in [0, 1] (log effective rank over log
+      maximal rank). A constant modality (all rows equal, e.g. all-zero features) has H_m = 0.
+    - Gradient contribution G_m = mean_i |<dL/dh_{m,i}, h_{m,i}>| of the fused cross-entropy L
+      (first-order Taylor contribution of the modality's fusion input), Gh_m = G_m / sum_k G_k.
+    - MDI_m = Gh_m^lam * (H_m / sum_k H_k)^(1 - lam), renormalised to sum 1 (lam = 0.5). Shares
+      whose total is 0 become uniform 1/M.
+    - Headline: for M = 2, log(MDI_1 / MDI_2) (0 = balanced, > 0 the first modality dominates,
+      signed). Generalisation to M > 2: log(max_m MDI_m / min_m MDI_m) (>= 0, unsigned), which for
+      M = 2 equals the absolute value of the two-modality headline. Shares are floored at 1e-6
+      inside the log so the headline stays finite.
+    - ``dominance_flag``: |headline| > log(threshold) (threshold 1.5, so |MDI| > 0.405).
+      ``dominant`` is the modality with the largest MDI when flagged, else None.
+
+    How to read it: MDI_m is modality m's share of "dominance"; 1/M each is balanced. A flagged
+    headline means one modality's index is more than ``threshold`` times another's. The details
+    show which factor drives it: the gradient share (how much the fused loss's first-order
+    sensitivity flows through m) or the entropy share (how spread out m's feature spectrum is).
+    The two can disagree: a dominant modality whose features collapse onto a few class directions
+    has a large gradient share but a *low* spectral entropy, which pulls its MDI back toward 1/M.
+    ``param_grad_share`` (the share of each encoder's parameter-gradient norm, MDACL's alternative
+    gradient measure) is shown when that evidence was collected.
+
+    Intervals: the gradient part is bootstrapped over the rows of the gradient subsample
+    (``bootstrap`` resamples); the entropy part over the rows of the feature subsample with at most
+    ``entropy_bootstrap`` resamples (one eigen-decomposition of a min(n, d_m)-square Gram matrix per
+    modality each), which are reused cyclically and paired with the gradient draws. The two
+    subsamples are resampled independently. ``entropy_bootstrap = 0`` holds H at its estimate.
+    Resampling with repeats lowers the effective rank, so entropy draws are biased slightly low.
+
+    Cost: 1 forward + 1 backward per gradient-subsample row (evidence ``grad_x_act``), the pooled
+    features of the feature subsample, and (1 + entropy_bootstrap) eigen-decompositions per
+    modality of an at most 2000-square matrix (O(n d min(n, d)) each).
+
+    Source: MDACL (Liu et al., arXiv 2601.00598), abstract only; no code published. The gradient x
+    activation measure is captum's LayerGradientXActivation summed over the feature.
+    """
+
+    name = "mdi"
+    summary = "Modality Dominance Index: gradient share x feature-entropy share (log ratio; 0 = balanced)"
+    needs = frozenset({"features", "grad_x_act"})
+    higher_is_better = None
+
+    lam: float = 0.5
+    threshold: float = 1.5
+    entropy_bootstrap: int = 200
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"mdi: lam must lie in [0, 1]; found {self.lam}.")
+        if self.threshold < 1.0:
+            raise ConfigError(f"mdi: threshold is a ratio and must be >= 1; found {self.threshold}.")
+        if self.entropy_bootstrap < 0:
+            raise ConfigError(f"mdi: entropy_bootstrap must be >= 0; found {self.entropy_bootstrap}.")
+
+    def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
+        ev.require(*sorted(self.needs))
+        assert ev.features is not None and ev.grad_x_act is not None
+        mods = ev.modalities
+        missing = [m for m in mods if m not in ev.features]
+        if missing:
+            raise EvidenceError(f"mdi: no pooled features for {', '.join(missing)}.")
+        feats = [ev.features[m].detach().double().reshape(ev.features[m].shape[0], -1).numpy() for m in mods]
+        gxa = ev.grad_x_act.detach().double().numpy()
+        if gxa.ndim != 2 or gxa.shape[1] != len(mods) or gxa.shape[0] == 0:
+            raise EvidenceError(f"mdi: grad_x_act must be [n > 0, {len(mods)}]; found {list(gxa.shape)}.")
+        n_f = feats[0].shape[0]
+
+        entropy = np.array([spectral_entropy(f) for f in feats])
+        grad = gxa.mean(axis=0)
+        g_share, h_share = _shares(grad), _shares(entropy)
+        mdi = combine(g_share, h_share, self.lam)
+        head = float(log_ratio(mdi))
+        flag = bool(abs(head) > math.log(self.threshold))
+        largest = mods[int(np.argmax(mdi))]
+
+        per_mod_ci: dict[str, list[float]] = {}
+        value_ci = None
+        if self.bootstrap > 0:
+            g_draws = _shares(bootstrap_mean_draws(gxa, self.bootstrap, self.seed))
+            n_h = min(self.bootstrap, self.entropy_bootstrap) if n_f > 0 else 0
+            if n_h > 0:
+                h_draws = np.array([[spectral_entropy(f[row]) for f in feats]
+                                    for row in resample_rows(n_f, n_h, self.seed + 1)])
+                h_draws = _shares(h_draws)[np.arange(self.bootstrap) % n_h]
+            else:
+                h_draws = np.broadcast_to(h_share, g_draws.shape)
+            mdi_draws = combine(g_draws, h_draws, self.lam)
+            per_mod_ci = ci_dict(mods, interval(mdi_draws, self.level))
+            value_ci = [float(v) for v in interval(log_ratio(mdi_draws), self.level)[0]]
+
+        details: dict = {
+            "entropy": {m: float(entropy[j]) for j, m in enumerate(mods)},
+            "entropy_share": {m: float(h_share[j]) for j, m in enumerate(mods)},
+            "gradient": {m: float(grad[j]) for j, m in enumerate(mods)},
+            "gradient_share": {m: float(g_share[j]) for j, m in enumerate(mods)},
+            "dominance_flag": flag,
+            "dominant": largest if flag else None,
+            "largest": largest,
+            "flag_at": math.log(self.threshold),
+            "headline": "log(MDI_1 / MDI_2)" if len(mods) == 2 else "log(max MDI / min MDI)",
+            "n_feature_rows": int(n_f),
+            "n_grad_rows": int(gxa.shape[0]),
+            "entropy_resamples": int(min(self.bootstrap, self.entropy_bootstrap)) if self.bootstrap > 0 else 0,
+        }
+        if ev.param_grad_norm is not None and ev.param_grad_norm.numel() == len(mods):
+            pgn = _shares(ev.param_grad_norm.detach().double().numpy())
+            details["param_grad_share"] = {m: float(pgn[j]) for j, m in enumerate(mods)}
+        return self.result(
+            head,
+            {m: float(mdi[j]) for j, m in enumerate(mods)},
+            ci=per_mod_ci,
+            value_ci=value_ci,
+            details=details,
+        )

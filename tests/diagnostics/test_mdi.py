@@ -1,0 +1,239 @@
+"""mdi: Modality Dominance Index (mmdiag's proposed definition, METHODS 17.1)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmdiag.diagnostics.mdi import MDI
+from mmdiag.errors import ConfigError, EvidenceError
+from mmdiag.evidence import Evidence
+from mmdiag.stats import bootstrap_indices
+from toys import BALANCED, DOMINANT, toy_evidence
+
+KINDS = ("features", "grad_x_act")
+
+
+# ---------------------------------------------------------------------------- slow reference
+def ref_entropy(rows: list[list[float]]) -> float:
+    """Spectral entropy via an SVD of the explicitly centred matrix (loops for the centring)."""
+    n, d = len(rows), len(rows[0])
+    if min(n, d) < 2:
+        return 0.0
+    mean = [sum(r[j] for r in rows) / n for j in range(d)]
+    centred = np.array([[r[j] - mean[j] for j in range(d)] for r in rows])
+    sv = np.linalg.svd(centred, compute_uv=False)
+    lam = [s * s for s in sv]
+    total = sum(lam)
+    if total <= 0:
+        return 0.0
+    h = 0.0
+    for v in lam:
+        q = v / total
+        if q > 0:
+            h -= q * math.log(q)
+    return h / math.log(min(n, d))
+
+
+def _share(values: list[float]) -> list[float]:
+    total = sum(values)
+    return [v / total for v in values] if total > 0 else [1.0 / len(values)] * len(values)
+
+
+def reference(ev: Evidence, lam: float = 0.5, grad_rows=None, feat_rows=None) -> dict:
+    mods = ev.modalities
+    gxa = ev.grad_x_act.tolist()
+    grad_rows = range(len(gxa)) if grad_rows is None else grad_rows
+    h = []
+    for m in mods:
+        f = ev.features[m].tolist()
+        h.append(ref_entropy(f if feat_rows is None else [f[i] for i in feat_rows]))
+    g = []
+    for j in range(len(mods)):
+        total = 0.0
+        for i in grad_rows:
+            total += gxa[i][j]
+        g.append(total / len(grad_rows))
+    gs, hs = _share(g), _share(h)
+    raw = [gs[j] ** lam * hs[j] ** (1 - lam) for j in range(len(mods))]
+    mdi = _share(raw)
+    fl = [max(x, 1e-6) for x in mdi]
+    head = math.log(fl[0] / fl[1]) if len(mods) == 2 else math.log(max(fl) / min(fl))
+    return {"H": h, "G": g, "Gs": gs, "Hs": hs, "mdi": mdi, "head": head}
+
+
+def check_against_reference(ev: Evidence, diag: MDI | None = None) -> None:
+    diag = diag or MDI(bootstrap=0)
+    res = diag.compute(ev)
+    ref = reference(ev, diag.lam)
+    mods = ev.modalities
+    np.testing.assert_allclose([res.details["entropy"][m] for m in mods], ref["H"], atol=1e-9)
+    np.testing.assert_allclose([res.details["gradient"][m] for m in mods], ref["G"], rtol=1e-6)
+    np.testing.assert_allclose([res.details["gradient_share"][m] for m in mods], ref["Gs"], atol=1e-9)
+    np.testing.assert_allclose([res.per_modality[m] for m in mods], ref["mdi"], atol=1e-9)
+    assert res.value == pytest.approx(ref["head"], abs=1e-8)
+    assert res.details["dominance_flag"] == (abs(ref["head"]) > math.log(diag.threshold))
+
+
+def tiny_evidence() -> Evidence:
+    # audio: rows +-e1, +-e2 in R^4 -> two equal eigenvalues -> H = log 2 / log 4 = 0.5
+    # visual: rows e1..e4 -> centred I - J/4 has eigenvalues 1, 1, 1, 0 -> H = log 3 / log 4
+    eye = torch.eye(4)
+    audio = torch.stack([eye[0], -eye[0], eye[1], -eye[1]]) * 3.0
+    visual = eye.clone()
+    gxa = torch.tensor([[1.0, 3.0], [2.0, 2.0], [0.5, 3.5], [0.5, 3.5]])  # G = (1, 3)
+    return Evidence(
+        modalities=("audio", "visual"), n_classes=2, labels=torch.tensor([0, 1, 0, 1]),
+        logits=torch.zeros(4, 2), index=torch.arange(4),
+        features={"audio": audio, "visual": visual}, feature_rows=torch.arange(4),
+        grad_x_act=gxa, grad_rows=torch.arange(4),
+    )
+
+
+# ---------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_reference_on_toy(seed):
+    check_against_reference(toy_evidence(DOMINANT, seed, kinds=KINDS))
+    check_against_reference(toy_evidence(DOMINANT, seed, kinds=KINDS), MDI(bootstrap=0, lam=0.8, threshold=1.1))
+
+
+def test_hand_built_evidence_has_closed_form():
+    ev = tiny_evidence()
+    check_against_reference(ev)
+    res = MDI(bootstrap=0).compute(ev)
+    h_a, h_v = 0.5, math.log(3) / math.log(4)
+    assert res.details["entropy"]["audio"] == pytest.approx(h_a)
+    assert res.details["entropy"]["visual"] == pytest.approx(h_v)
+    assert res.details["gradient_share"] == pytest.approx({"audio": 0.25, "visual": 0.75})
+    raw = [math.sqrt(0.25 * h_a / (h_a + h_v)), math.sqrt(0.75 * h_v / (h_a + h_v))]
+    assert res.per_modality["audio"] == pytest.approx(raw[0] / sum(raw))
+    assert res.value == pytest.approx(math.log(raw[0] / raw[1]))
+    assert res.value < -math.log(1.5)  # visual dominates: flagged, sign says "second modality"
+    assert res.details["dominance_flag"] and res.details["dominant"] == "visual"
+    # lam = 1: gradient share alone; lam = 0: entropy share alone
+    assert MDI(bootstrap=0, lam=1.0).compute(ev).per_modality["audio"] == pytest.approx(0.25)
+    assert MDI(bootstrap=0, lam=0.0).compute(ev).per_modality["audio"] == pytest.approx(h_a / (h_a + h_v))
+
+
+def test_bootstrap_interval_matches_slow_resampling():
+    ev = toy_evidence(DOMINANT, 0, kinds=KINDS)
+    n_boot, n_ent, seed = 12, 5, 4
+    res = MDI(bootstrap=n_boot, entropy_bootstrap=n_ent, seed=seed, level=0.8).compute(ev)
+    g_rows = [row for idx in bootstrap_indices(ev.grad_x_act.shape[0], n_boot, seed) for row in idx]
+    h_rows = [row for idx in bootstrap_indices(ev.feature_rows.shape[0], n_ent, seed + 1) for row in idx]
+    draws, heads = [], []
+    for b in range(n_boot):
+        g = reference(ev, grad_rows=[int(i) for i in g_rows[b]])["Gs"]
+        hs = reference(ev, feat_rows=[int(i) for i in h_rows[b % n_ent]])["Hs"]
+        raw = [math.sqrt(g[j] * hs[j]) for j in range(2)]
+        mdi = [x / sum(raw) for x in raw]
+        draws.append(mdi)
+        heads.append(math.log(mdi[0] / mdi[1]))
+    draws = np.asarray(draws)
+    for j, m in enumerate(ev.modalities):
+        assert res.ci[m] == pytest.approx(list(np.quantile(draws[:, j], [0.1, 0.9])), abs=1e-8)
+    assert res.value_ci == pytest.approx(list(np.quantile(heads, [0.1, 0.9])), abs=1e-7)
+    assert res.details["entropy_resamples"] == n_ent
+
+
+def test_without_bootstrap_no_intervals():
+    res = MDI(bootstrap=0).compute(tiny_evidence())
+    assert res.ci == {} and res.value_ci is None
+
+
+# ---------------------------------------------------------------------------- edge cases
+def test_class_absent_from_labels():
+    ev = toy_evidence(DOMINANT, 0, kinds=KINDS)
+    ev = ev.select_rows(torch.nonzero(ev.labels != 3)[:, 0])
+    assert 3 not in set(ev.labels.tolist())
+    assert ev.features["audio"].shape[0] == ev.n_samples
+    check_against_reference(ev)
+
+
+def test_constant_modality():
+    ev = toy_evidence(DOMINANT, 0, kinds=KINDS)
+    feats = {m: f.clone() for m, f in ev.features.items()}
+    feats["visual"] = torch.zeros_like(feats["visual"])  # all-zero features: |<g, h>| = 0 too
+    gxa = ev.grad_x_act.clone()
+    gxa[:, 1] = 0.0
+    dead = Evidence(modalities=ev.modalities, n_classes=ev.n_classes, labels=ev.labels, logits=ev.logits,
+                    index=ev.index, features=feats, feature_rows=ev.feature_rows, grad_x_act=gxa,
+                    grad_rows=ev.grad_rows)
+    res = MDI(bootstrap=50, entropy_bootstrap=10).compute(dead)
+    check_against_reference(dead)
+    assert res.details["entropy"]["visual"] == 0.0
+    assert res.per_modality == {"audio": 1.0, "visual": 0.0}
+    assert res.value == pytest.approx(math.log(1e6))  # floored, finite
+    assert res.details["dominance_flag"] and res.details["dominant"] == "audio"
+    json.dumps(res.to_dict())
+    # every modality constant: shares fall back to uniform, nothing is flagged
+    both = Evidence(modalities=ev.modalities, n_classes=ev.n_classes, labels=ev.labels, logits=ev.logits,
+                    index=ev.index, features={m: torch.ones_like(f) for m, f in feats.items()},
+                    feature_rows=ev.feature_rows, grad_x_act=torch.zeros_like(gxa), grad_rows=ev.grad_rows)
+    res = MDI(bootstrap=20, entropy_bootstrap=5).compute(both)
+    assert res.per_modality == {"audio": 0.5, "visual": 0.5}
+    assert res.value == 0.0 and not res.details["dominance_flag"]
+
+
+@pytest.mark.parametrize("strength", [(3.0, 0.8, 0.8), (3.0, 0.8, 0.8, 0.8, 0.8)])
+def test_more_modalities(strength):
+    ev = toy_evidence(strength, 0, kinds=KINDS)
+    check_against_reference(ev)
+    res = MDI(bootstrap=50, entropy_bootstrap=10).compute(ev)
+    assert res.details["headline"] == "log(max MDI / min MDI)"
+    assert res.value >= 0.0
+    assert sum(res.per_modality.values()) == pytest.approx(1.0)
+    assert set(res.ci) == set(ev.modalities)
+
+
+def test_param_grad_shares_when_present():
+    ev = tiny_evidence()
+    ev.param_grad_norm = torch.tensor([3.0, 1.0])
+    res = MDI(bootstrap=0).compute(ev)
+    assert res.details["param_grad_share"] == pytest.approx({"audio": 0.75, "visual": 0.25})
+    assert "param_grad_share" not in MDI(bootstrap=0).compute(tiny_evidence()).details
+
+
+# ---------------------------------------------------------------------------- direction
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_direction_on_dominance_knob(seed):
+    # measured (seeds 0, 1, 2): DOMINANT headline +0.070, +0.176, +0.059 (gradient share of audio
+    # 0.64, 0.63, 0.54; entropy share 0.39, 0.45, 0.48 pulls the other way), never flagged;
+    # BALANCED headline -0.200, -0.077, -0.205, below the flag at log 1.5 = 0.405.
+    dom = MDI(bootstrap=0).compute(toy_evidence(DOMINANT, seed, kinds=KINDS))
+    assert dom.value > 0.0 and dom.details["largest"] == "audio"
+    assert dom.details["gradient_share"]["audio"] > 0.5
+    bal = MDI(bootstrap=0).compute(toy_evidence(BALANCED, seed, kinds=KINDS))
+    assert not bal.details["dominance_flag"]
+    assert abs(bal.value) < math.log(1.5)
+
+
+# ---------------------------------------------------------------------------- contract
+def test_deterministic_json_safe_and_does_not_mutate():
+    ev = toy_evidence(DOMINANT, 1, kinds=KINDS)
+    before = ({m: f.clone() for m, f in ev.features.items()}, ev.grad_x_act.clone())
+    a = MDI(bootstrap=100, entropy_bootstrap=20).compute(ev)
+    b = MDI(bootstrap=100, entropy_bootstrap=20).compute(ev)
+    assert a == b
+    assert json.loads(json.dumps(a.to_dict()))["name"] == "mdi"
+    assert all(torch.equal(ev.features[m], before[0][m]) for m in ev.modalities)
+    assert torch.equal(ev.grad_x_act, before[1])
+    for lo, hi in a.ci.values():
+        assert 0.0 <= lo <= hi <= 1.0
+
+
+def test_rejects_bad_parameters_and_evidence():
+    with pytest.raises(ConfigError):
+        MDI(lam=-0.1)
+    with pytest.raises(ConfigError):
+        MDI(threshold=0.5)
+    with pytest.raises(ConfigError):
+        MDI(entropy_bootstrap=-1)
+    ev = tiny_evidence()
+    ev.features = None
+    with pytest.raises(EvidenceError):
+        MDI().compute(ev)
