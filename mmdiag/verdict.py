@@ -19,6 +19,8 @@ from mmdiag.report import Result, Verdict
 from mmdiag.stats import positive_shares
 
 PRIMARY_ORDER = ("shapley", "reliance", "unimodal")
+#: diagnostics whose per-modality values grow with a modality's contribution (compared in the reasons)
+CONTRIBUTION_MEASURES = ("shapley", "reliance", "cal", "mdi", "attribution", "ogm", "perceptual")
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,18 @@ def judge(results: Mapping[str, Result], modalities: Sequence[str],
         f"{primary.name}: {dominant} holds {shares[dominant]:.0%} of the positive contribution "
         f"(dominance index {index:.2f}; " + ", ".join(f"{m} {values[m]:+.3f}" for m in modalities) + ")"
     ]
-    agree = [n for n in PRIMARY_ORDER if n in results and n != primary.name and n != "unimodal"
-             and max(results[n].per_modality, key=results[n].per_modality.__getitem__) == dominant]
+    agree, disagree = [], []
+    for n in CONTRIBUTION_MEASURES:
+        if n in results and n != primary.name and results[n].per_modality:
+            top = max(results[n].per_modality, key=results[n].per_modality.__getitem__)
+            (agree if top == dominant else disagree).append(f"{n} ({top})" if top != dominant else n)
     if agree:
         reasons.append(f"{', '.join(agree)} agree{'s' if len(agree) == 1 else ''} that {dominant} is relied on most")
+    if disagree:
+        reasons.append(
+            f"{', '.join(disagree)} rank{'s' if len(disagree) == 1 else ''} another modality first: the measures "
+            "disagree, which happens when modalities interact; read them side by side"
+        )
     if t.require_separation and not separated:
         reasons.insert(0, f"the bootstrap intervals of {dominant} and the other modalities overlap, so no dominance is claimed")
         return Verdict(None, [], "none", None, reasons)

@@ -1,0 +1,61 @@
+"""The verdict: separation, severity thresholds, under-used modalities and the fix table."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmdiag.errors import ConfigError
+from mmdiag.report import Result
+from mmdiag.verdict import VerdictThresholds, dominance_index, judge
+
+
+def res(name, values, half_width=0.02, **details):
+    return Result(name=name, value=None, per_modality=values,
+                  ci={m: [v - half_width, v + half_width] for m, v in values.items()}, details=details)
+
+
+MODS = ["audio", "visual"]
+
+
+def test_strong_mild_none_by_dominance_index():
+    strong = judge({"shapley": res("shapley", {"audio": 0.6, "visual": 0.05})}, MODS)
+    assert strong.severity == "strong" and strong.dominant == "audio" and strong.underused == ["visual"]
+    assert strong.recommended_fix == "ogm_ge"
+    mild = judge({"shapley": res("shapley", {"audio": 0.4, "visual": 0.2})}, MODS)
+    assert mild.severity == "mild"
+    none = judge({"shapley": res("shapley", {"audio": 0.32, "visual": 0.3})}, MODS)
+    assert none.severity == "none" and none.dominant is None
+
+
+def test_no_claim_when_intervals_overlap():
+    v = judge({"shapley": res("shapley", {"audio": 0.6, "visual": 0.05}, half_width=0.4)}, MODS)
+    assert v.severity == "none" and "overlap" in v.reasons[0]
+    v = judge({"shapley": res("shapley", {"audio": 0.6, "visual": 0.05}, half_width=0.4)}, MODS,
+              VerdictThresholds(require_separation=False))
+    assert v.severity == "strong"
+
+
+def test_fix_table():
+    base = {"shapley": res("shapley", {"audio": 0.6, "visual": 0.05}),
+            "unimodal": res("unimodal", {"audio": 0.9, "visual": 0.3}, chance=0.1)}
+    assert judge({**base, "probe": res("probe", {"audio": 0.9, "visual": 0.8})}, MODS).recommended_fix == "arl"
+    assert judge({**base, "probe": res("probe", {"audio": 0.9, "visual": 0.15})}, MODS).recommended_fix == "cal"
+    comb = Result("combinations", 0.12, {"audio": 0.3, "visual": 0.9}, details={"chance": 0.1, "weakest": "visual"})
+    assert judge({**base, "combinations": comb}, MODS).recommended_fix == "modality_dropout"
+    udml = res("udml", {"audio": 1.0, "visual": 1.0}, spearman={"audio": 0.9, "visual": 0.2})
+    assert judge({**base, "udml": udml}, MODS).recommended_fix == "udml"
+    conflict = res("gradient_conflict", {"audio": 0.5, "visual": -0.3})
+    assert judge({**base, "gradient_conflict": conflict}, MODS).recommended_fix == "mmpareto"
+
+
+def test_disagreeing_measures_are_reported():
+    v = judge({"shapley": res("shapley", {"audio": 0.6, "visual": 0.05}),
+               "attribution": res("attribution", {"audio": 0.3, "visual": 0.7})}, MODS)
+    assert any("disagree" in r and "attribution (visual)" in r for r in v.reasons)
+
+
+def test_dominance_index_range_and_threshold_validation():
+    assert dominance_index({"a": 0.5, "b": 0.5}) == 0
+    assert dominance_index({"a": 1.0, "b": 0.0, "c": 0.0}) == pytest.approx(1.0)
+    with pytest.raises(ConfigError):
+        VerdictThresholds(mild=0.6, strong=0.5)
