@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mmdiag"
 LAYERS = {
     "errors": 0, "_version": 0,
     "registry": 1, "stats": 1, "report": 1, "evidence": 1, "loading": 1, "adapter": 1, "synthetic": 1,
+    "distributed": 1,
     "avdigits": 1, "demo_model": 1,
     "diagnostics": 2, "fixes": 2,
     "collect": 3, "render": 3, "gate": 3, "train": 3, "verdict": 3, "compare": 3,
