@@ -15,14 +15,16 @@ from mmdiag.errors import ConfigError
 HELP = """Diagnose modality imbalance of a trained multimodal classifier.
 
 Loads --model (a factory: FILE.py:fn or package.module:fn) and --checkpoint, runs the model over
---data once, computes the diagnostics and writes OUT/report.json and OUT/metrics.csv."""
+--data once, computes the diagnostics and writes OUT/report.json, OUT/metrics.csv, OUT/report.html
+and OUT/plots/. With --gate, the rules of [gate] in the config are checked right after (exit codes as
+for `mmdiag gate`)."""
 
 #: Flags that config files may set (the command's parameter names).
 SETTINGS = (
     "model", "checkpoint", "data", "modalities", "call", "encoder", "head", "mask", "mask_at",
     "trust_checkpoint", "batch_size", "num_workers", "device", "seed", "bootstrap", "only", "skip",
     "max_subsets", "max_probe_samples", "probe_data", "per_sample", "out", "overwrite", "nan_policy",
-    "balance_of", "save_evidence", "num_classes",
+    "balance_of", "save_evidence", "num_classes", "run_gate", "baseline",
 )
 
 
@@ -83,6 +85,8 @@ def analyze(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in --out."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the verdict line."),
+    run_gate: bool = typer.Option(False, "--gate", help="After the analysis, check the rules of [gate] in the config (exit 1 when one fails)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Earlier report.json that 'baseline' in gate rules refers to."),
 ) -> None:
     """Diagnose modality imbalance of a trained multimodal classifier."""
     from mmdiag.api import analyze as run_analyze
@@ -92,7 +96,16 @@ def analyze(
 
     conf, source = cfg.find_config(config)
     o = cfg.resolve(ctx, dict(ctx.params), conf, source, SETTINGS)
+    gate_options = None
+    if o.get("run_gate"):  # check the rules before the (long) analysis
+        from mmdiag.cli.gate_cmd import analysis_gate_options
+
+        gate_options = analysis_gate_options(conf, source, o.get("baseline"))
     out_dir = prepare_out_dir(Path(o["out"]), bool(o["overwrite"]))
+    # under torchrun every process evaluates a shard; evidence is gathered, rank 0 writes
+    from mmdiag.distributed import init_from_env, is_main_process
+
+    init_from_env(str(o["device"]))
     the_model, dataset, mods, settings = load_inputs(o, conf)
     probe = None
     if o.get("probe_data"):
@@ -117,6 +130,8 @@ def analyze(
             thresholds=thresholds, settings={**settings, "config": source}, progress=bar,
             probe_data=probe, return_evidence=True,
         )
+    if not is_main_process():
+        return
     write_outputs(report, out_dir, per_sample=report.diagnostics if o.get("per_sample") else None)
     if o.get("save_evidence"):
         ev.save(out_dir / "evidence.pt")
@@ -124,4 +139,10 @@ def analyze(
         console.print(report.verdict.headline(), highlight=False)
     else:
         print_summary(report, console)
-        console.print(f"[dim]wrote {out_dir / 'report.json'} and {out_dir / 'metrics.csv'}[/]")
+        console.print(f"[dim]wrote {out_dir / 'report.json'}, metrics.csv, report.html and plots/ in {out_dir}[/]")
+    if gate_options is not None:
+        from mmdiag.cli.gate_cmd import run_gate
+
+        code = run_gate(report, **gate_options, report_path=str(out_dir / "report.json"))
+        if code:
+            raise typer.Exit(code)

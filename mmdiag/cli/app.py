@@ -10,8 +10,12 @@ from mmdiag._version import __version__
 from mmdiag.cli.analyze import HELP as ANALYZE_HELP
 from mmdiag.cli.analyze import analyze
 from mmdiag.cli.common import STATE, console
+from mmdiag.cli.compare_cmd import compare
 from mmdiag.cli.demo import demo
+from mmdiag.cli.gate_cmd import HELP as GATE_HELP
+from mmdiag.cli.gate_cmd import gate
 from mmdiag.cli.list_cmd import list_command
+from mmdiag.cli.render_cmd import render
 
 app = typer.Typer(
     name="mmdiag",
@@ -40,6 +44,9 @@ def root(
 app.command("analyze", help=ANALYZE_HELP)(analyze)
 app.command("list")(list_command)
 app.command("demo")(demo)
+app.command("gate", help=GATE_HELP)(gate)
+app.command("render")(render)
+app.command("compare")(compare)
 
 
 def main() -> None:

@@ -28,4 +28,4 @@ def demo(
     with ProgressBar() as bar:
         report = run_demo(out_dir, snr_db=snr_db, epochs=epochs, seed=seed, progress=bar)
     print_summary(report, console)
-    console.print(f"[dim]wrote {out_dir / 'report.json'} and {out_dir / 'metrics.csv'}[/]")
+    console.print(f"[dim]wrote report.json, metrics.csv, report.html and plots/ in {out_dir}[/]")

@@ -1,0 +1,274 @@
+"""Renderings: plots are real PNGs, report.html is self-contained and small, Markdown, `mmdiag render`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mmdiag.cli.app import app
+from mmdiag.render import parse_formats, write_outputs
+from mmdiag.render.html import doc_parts, render_html
+from mmdiag.render.markdown import render_markdown
+from mmdiag.render.plots import (OKABE_ITO, PlotSet, modality_colors, plot_before_after, plot_training_dynamics,
+                                 report_plots)
+from mmdiag.report import Failure, Report, Result, Verdict
+from mmdiag.errors import ConfigError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _ci(rng: np.random.Generator, v: float, w: float = 0.05) -> list[float]:
+    a = float(rng.uniform(0.2, 1.0) * w)
+    return [v - a, v + float(rng.uniform(0.2, 1.0) * w)]
+
+
+def synthetic_report(m_count: int = 2, n_classes: int = 10, seed: int = 0, shift: float = 0.0,
+                     with_failures: bool = True) -> Report:
+    """A report with every kind of diagnostic the renderers know about, built by hand (fast)."""
+    rng = np.random.default_rng(seed)
+    mods = ["audio", "visual"] if m_count == 2 else [f"m{j}" for j in range(m_count)]
+    weights = np.linspace(1.0, 0.3, m_count) + shift * np.linspace(-1, 1, m_count)
+    weights = weights / weights.sum()
+
+    def res(name: str, values: dict[str, float], value: float | None, hib: bool | None = True,
+            details: dict | None = None, value_ci: list[float] | None = None) -> Result:
+        return Result(name=name, value=value, per_modality=values,
+                      ci={m: _ci(rng, v) for m, v in values.items()}, value_ci=value_ci, higher_is_better=hib,
+                      params={"bootstrap": 200, "seed": seed, "level": 0.95}, details=details or {},
+                      summary=f"{name} summary line")
+
+    diags: dict[str, Result] = {}
+    shap = {m: float(0.9 * w) for m, w in zip(mods, weights)}
+    diags["shapley"] = res("shapley", shap, max(shap.values()) - min(shap.values()))
+    rel = {m: float(0.8 * w) for m, w in zip(mods, weights)}
+    diags["reliance"] = res("reliance", rel, max(rel.values()) - min(rel.values()), hib=None)
+    for name in ("attribution", "mdi", "cal"):
+        vals = {m: float(w + rng.normal(0, 0.02)) for m, w in zip(mods, weights)}
+        diags[name] = res(name, vals, float(np.std(list(vals.values()))))
+    subsets = [c for k in range(1, m_count + 1) for c in itertools.combinations(mods, k)]
+    acc = {"+".join(s): float(min(1.0, 0.1 + sum(weights[mods.index(m)] for m in s))) for s in subsets}
+    diags["combinations"] = res(
+        "combinations", {m: acc["+".join(x for x in mods if x != m)] if m_count > 1 else 0.1 for m in mods},
+        min(acc.values()), details={"accuracy": acc, "ci": {k: _ci(rng, v, 0.03) for k, v in acc.items()},
+                                    "weakest": min(acc, key=acc.get), "chance": 1.0 / n_classes},
+        value_ci=_ci(rng, min(acc.values())))
+    uni = {m: float(0.1 + 0.9 * w * m_count / 2) for m, w in zip(mods, weights)}
+    per_class = {m: {str(c): float(np.clip(uni[m] + rng.normal(0, 0.2), 0, 1)) for c in range(n_classes)} for m in mods}
+    per_class[mods[-1]]["3"] = None  # a class with no sample
+    diags["unimodal"] = res("unimodal", uni, max(uni.values()) - min(uni.values()),
+                            details={"per_class": per_class, "chance": 1.0 / n_classes, "fused_accuracy": 0.95})
+    levels = list(range(1, 12))
+    diags["udml"] = res("udml", {m: float(0.5 + w) for m, w in zip(mods, weights)}, 0.4, details={
+        "calibration": {m: [{"level": lv, "mean_pred": float(lv * (0.6 + 0.3 * j / m_count) + rng.normal(0, 0.3)),
+                             "std_pred": float(0.3 + 0.05 * lv)} for lv in levels] for j, m in enumerate(mods)}})
+    diags["perceptual"] = res("perceptual", {m: float(0.5 * w) for m, w in zip(mods, weights)}, 0.2, details={
+        "permutations": {m: [float(0.5 * w + rng.normal(0, 0.02)) for _ in range(5)] for m, w in zip(mods, weights)}})
+    diags["balance"] = res("balance", {m: float(w) for m, w in zip(mods, weights)},
+                           float(1 - (weights.max() - 1 / m_count)), value_ci=[0.55, 0.7])
+    failures = [Failure("probe", "needs encoder features; the model is a black box", "skipped"),
+                Failure("gradient_conflict", "RuntimeError: something broke", "error")] if with_failures else []
+    verdict = Verdict(dominant=mods[0], underused=[mods[-1]], severity="mild", recommended_fix="ogm_ge",
+                      reasons=["shapley: m0 holds most of the positive contribution",
+                               "reliance agrees that m0 is relied on most"])
+    return Report(modalities=mods, n_samples=500, accuracy=0.95, diagnostics=diags, failures=failures,
+                  verdict=verdict, mmdiag_version="test",
+                  settings={"model": "toy.py:build", "data": "toy.npz", "seed": seed, "bootstrap": 200,
+                            "params": {"shapley": {"bootstrap": 200}}})
+
+
+def assert_real_png(data: bytes, min_size: int = 5000) -> None:
+    import matplotlib.image as mpimg
+
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > min_size
+    img = mpimg.imread(io.BytesIO(data), format="png")
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+    assert float(np.var(img[..., :3])) > 1e-3, "the image is (nearly) a single colour"
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+@pytest.fixture(scope="module")
+def report6() -> Report:
+    return synthetic_report(6)
+
+
+@pytest.fixture(scope="module")
+def plots6(report6: Report, tmp_path_factory: pytest.TempPathFactory):
+    return report_plots(report6, tmp_path_factory.mktemp("plots6"))
+
+
+def test_every_plot_is_a_real_png(plots6) -> None:
+    expected = {"contributions", "combinations_heatmap", "unimodal_per_class", "udml_calibration", "perceptual_spread"}
+    assert expected <= set(plots6.images)
+    assert {f"{n}_bars" for n in ("shapley", "reliance", "balance", "cal", "mdi")} <= set(plots6.images)
+    for key, path in plots6.paths.items():
+        assert path.suffix == ".png"
+        assert_real_png(path.read_bytes())
+    assert not [r for r in plots6.skipped.values() if r.startswith("could not")]
+
+
+def test_colours_fixed_per_modality_and_colour_blind_safe() -> None:
+    colours = modality_colors(["audio", "visual", "depth"])
+    assert list(colours.values()) == list(OKABE_ITO[:3])
+    assert modality_colors(["audio", "visual"])["visual"] == colours["visual"]
+    assert len(set(modality_colors([f"m{j}" for j in range(12)]).values())) == 12
+
+
+def test_missing_or_malformed_data_skips_the_plot(tmp_path: Path) -> None:
+    rep = synthetic_report(2)
+    rep.diagnostics = {"shapley": rep.diagnostics["shapley"]}
+    rep.diagnostics["udml"] = Result("udml", 0.1, {"audio": 0.2}, details={"calibration": "garbage"})
+    rep.diagnostics["perceptual"] = Result("perceptual", None, {}, details={"whatever": [1, 2]})
+    rep.diagnostics["combinations"] = Result("combinations", 0.5, {"audio": 0.5}, details={"accuracy": {"audio": "x"}})
+    rep.diagnostics["unimodal"] = Result("unimodal", 0.1, {}, details={"per_class": {"audio": [0.1]}})
+    plots = report_plots(rep, tmp_path)
+    assert "udml_calibration" in plots.skipped and "perceptual_spread" in plots.skipped
+    assert "unimodal_per_class" not in plots.images
+    assert "contributions" in plots.images  # the rest still renders
+    html = render_html(rep, plots)
+    assert "<html" in html
+
+
+def test_training_dynamics_and_before_after(tmp_path: Path) -> None:
+    import pandas as pd
+
+    rows = []
+    for e in range(8):
+        rows.append({"epoch": e, "loss": 2.0 / (e + 1), "acc": 0.5 + e * 0.05, "val_acc": 0.45 + e * 0.05,
+                     "unimodal_acc.audio": 0.4 + e * 0.06, "unimodal_acc.visual": 0.2 + e * 0.02,
+                     "signal.coeff.audio": 1 - e * 0.05, "signal.coeff.visual": 1.0,
+                     "signal.ratio.audio": 1.5 - e * 0.05, "signal.ratio.visual": 0.7 + e * 0.03})
+    path = plot_training_dynamics(pd.DataFrame(rows), tmp_path / "dyn.png")
+    assert path is not None
+    assert_real_png(path.read_bytes())
+    assert plot_training_dynamics([], tmp_path / "none.png") is None
+
+    from mmdiag.compare import compare
+
+    cmp_rows = compare(synthetic_report(3, seed=0), synthetic_report(3, seed=1, shift=0.3))
+    path = plot_before_after(cmp_rows, tmp_path / "ba.png")
+    assert path is not None
+    assert_real_png(path.read_bytes())
+    dict_rows = [{"diagnostic": "shapley", "modality": "audio", "before": 0.6, "after": 0.45, "ci_a": [0.55, 0.65],
+                  "ci_b": [0.4, 0.5], "separated": True},
+                 {"diagnostic": "shapley", "modality": "visual", "before": 0.2, "after": 0.4}]
+    assert plot_before_after(dict_rows, tmp_path / "ba2.png") is not None
+    assert plot_before_after([], tmp_path / "ba3.png") is None
+
+
+# -------------------------------------------------------------------------------------------- html
+
+
+def test_html_is_self_contained_small_and_complete(report6: Report, plots6, tmp_path: Path) -> None:
+    html = render_html(report6, plots6)
+    path = tmp_path / "report.html"
+    path.write_text(html)
+    size = path.stat().st_size
+    assert size < 3 * 1024 * 1024, size
+    assert "<script" not in html.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "@import" not in html and "url(http" not in html
+    # verdict first, with its fields
+    v = html.index('id="verdict"')
+    assert v < html.index('id="overview"') < html.index('id="diag-')
+    assert report6.verdict.headline() in html
+    for word in ("dominant", "under-used", "severity", "recommended fix", "ogm_ge"):
+        assert word in html
+    for name in report6.diagnostics:
+        assert f'id="diag-{name}"' in html
+    assert 'id="failures"' in html and "black box" in html and "RuntimeError" in html
+    assert 'id="settings"' in html and "toy.py:build" in html
+    # plots embedded, decodable
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) == len(plots6.images)
+    assert base64.b64decode(images[0])[:8] == PNG_MAGIC
+
+
+def test_how_to_read_comes_from_the_docstring() -> None:
+    title, how = doc_parts("shapley")
+    assert title.startswith("Shapley")
+    assert how and how.count(". ") <= 2
+    assert doc_parts("not_a_diagnostic") == ("", "")
+    rep = synthetic_report(2, with_failures=False)
+    html = render_html(rep, PlotSet())  # no plots: text only, fast
+    assert "How to read this" in html
+    assert "udml summary line" in html  # unregistered diagnostic: falls back to Result.summary
+
+
+def test_markdown(report6: Report) -> None:
+    md = render_markdown(report6)
+    assert md.startswith("## mmdiag report")
+    assert report6.verdict.headline() in md
+    assert "| shapley |" in md and "| m5 |" in md  # m5 is the under-used modality of the verdict table
+    assert "| diagnostic | headline | m0 | m1 | m2 | m3 | m4 | m5 |" in md
+    assert "Failed and skipped" in md and "gradient_conflict" in md
+
+
+def tiny_report() -> Report:
+    """Two diagnostics only: quick to render."""
+    rep = synthetic_report(2)
+    rep.diagnostics = {k: v for k, v in rep.diagnostics.items() if k in ("shapley", "balance")}
+    return rep
+
+
+def test_write_outputs_formats(tmp_path: Path) -> None:
+    rep = tiny_report()
+    written = write_outputs(rep, tmp_path / "a")
+    names = {p.name for p in written}
+    assert {"report.json", "metrics.csv", "report.html", "contributions.png"} <= names
+    assert "report.md" not in names
+    written = write_outputs(rep, tmp_path / "b", formats="md,html")
+    assert {p.name for p in written} == {"report.md", "report.html"}
+    assert not (tmp_path / "b" / "plots").exists()
+    assert parse_formats("HTML, markdown,png") == ("html", "md", "png")
+    with pytest.raises(ConfigError, match="Did you mean 'html'"):
+        parse_formats("htm")
+
+
+def test_render_command(tmp_path: Path) -> None:
+    rep = tiny_report()
+    rep.save(tmp_path / "report.json")
+    runner = CliRunner()
+    result = runner.invoke(app, ["render", str(tmp_path / "report.json"), "--format", "html,md,csv,png",
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    for name in ("report.html", "report.md", "metrics.csv", "plots/contributions.png"):
+        assert (tmp_path / "r" / name).is_file(), name
+    bad = runner.invoke(app, ["render", str(tmp_path / "report.json"), "--format", "pdf"])
+    assert bad.exit_code == 2
+    missing = runner.invoke(app, ["render", str(tmp_path / "nope.json")])
+    assert missing.exit_code == 2
+
+
+# ----------------------------------------------------------------------------------------- browser
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_a_browser(report6: Report, plots6, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.html").write_text(render_html(report6, plots6))
+    shot = tmp_path / "shot.png"
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path / 'profile'}",
+           f"--screenshot={shot}", "--window-size=1200,2000", (tmp_path / "out" / "report.html").as_uri()]
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    assert_real_png(shot.read_bytes(), min_size=20000)
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(str(shot))
+    assert img.shape[:2] == (2000, 1200)
+    # the verdict panel sits near the top: its coloured left border is in the first 400 rows
+    top = img[:400, :, :3]
+    assert float(np.var(top)) > 1e-3
