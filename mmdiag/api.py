@@ -20,7 +20,7 @@ from mmdiag._version import __version__
 from mmdiag.adapter import ModelAdapter
 from mmdiag.collect import CollectSettings, ProgressFn, collect
 from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic
-from mmdiag.errors import ConfigError, EvidenceError, MmdiagError
+from mmdiag.errors import ConfigError, MmdiagError
 from mmdiag.evidence import ENCODER_KINDS, Evidence
 from mmdiag.report import Failure, Report, Result, json_safe
 from mmdiag.verdict import VerdictThresholds, judge

@@ -20,7 +20,7 @@ with that reason.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from mmdiag.cli.app import app
 from mmdiag.loading import save_state_dict
-from mmdiag.synthetic import ToyNet
 from toys import DOMINANT, toy_split, trained_toy
 
 runner = CliRunner()

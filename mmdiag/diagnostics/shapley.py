@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-import numpy as np
 
 from mmdiag.diagnostics._common import per_modality_ci, shapley_per_sample, spread, subset_correct, subset_logprob
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic

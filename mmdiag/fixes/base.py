@@ -62,6 +62,7 @@ class FixContext:
         aux: auxiliary modules added by fixes (unimodal heads, bottlenecks); saved as ``aux.pt``.
         steps_per_epoch: batches per epoch, when known.
         world_size: number of processes (DistributedDataParallel), 1 otherwise.
+        rank: this process's rank in a distributed run (0 otherwise).
     """
 
     adapter: ModelAdapter
@@ -72,10 +73,29 @@ class FixContext:
     aux: nn.ModuleDict = field(default_factory=nn.ModuleDict)
     steps_per_epoch: int | None = None
     world_size: int = 1
+    rank: int = 0
 
     @property
     def modalities(self) -> tuple[str, ...]:
         return self.adapter.modalities
+
+    def all_reduce_sum(self, value: Tensor) -> Tensor:
+        """``value`` summed over the processes of a distributed run (a new tensor; the input is
+        unchanged). With one process it returns a detached copy.
+
+        Fixes whose decisions depend on batch statistics (a ratio, a running accuracy) call this so
+        that every rank takes the same decision and the replicas stay identical. Every rank must
+        make the same calls in the same order.
+        """
+        out = value.detach().clone()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                out = out.to(self.device)
+                dist.all_reduce(out, op=dist.ReduceOp.SUM)
+                out = out.to(value.device)
+        return out
 
     def encoder_parameters(self, m: str) -> list[nn.Parameter]:
         """Trainable parameters of modality ``m``'s encoder."""

@@ -9,7 +9,7 @@ import torch
 from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.diagnostics.evidential import fuse, opinion
 from mmdiag.errors import ConfigError
-from mmdiag.evidence import Evidence, mask_of
+from mmdiag.evidence import mask_of
 from _fake import fake_evidence
 from toys import BALANCED, DOMINANT, toy_evidence
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.evidence import mask_of
