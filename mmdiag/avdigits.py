@@ -46,7 +46,7 @@ import numpy as np
 
 from mmdiag.errors import ConfigError, LoadError
 
-__all__ = ["VIEWS", "load_avdigits", "split_indices", "noisy_band_power"]
+__all__ = ["VIEWS", "load_avdigits", "noisy_band_power", "split_indices"]
 
 #: Names accepted in ``views``.
 VIEWS = ("audio", "visual", "top", "bottom")
@@ -139,8 +139,9 @@ def load_avdigits(
     Args:
         snr_db: Signal-to-noise ratio of the audio in dB, relative to each clip's
             mean speech power. ``None`` gives clean audio. Lower values weaken the
-            audio modality; around -10 dB audio and image are roughly balanced for
-            the demo model.
+            audio modality. For the demo model (``mmdiag.demo_model``) audio
+            dominates clean, the two are roughly balanced around -5 dB, and the
+            image dominates at -10 dB and below.
         seed: Seed of the noise. The same ``(snr_db, seed)`` always gives identical
             arrays. The clean data and the image views do not depend on it.
         views: Which modalities to return, any of ``"audio"``, ``"visual"``,
@@ -158,9 +159,7 @@ def load_avdigits(
     views = tuple(views)
     unknown = [v for v in views if v not in VIEWS]
     if unknown or not views:
-        raise ConfigError(
-            f"load_avdigits: views must be a non-empty selection of {VIEWS}, got {views!r}."
-        )
+        raise ConfigError(f"load_avdigits: views must be a non-empty selection of {VIEWS}, got {views!r}.")
     if snr_db is not None and not np.isfinite(float(snr_db)):
         raise ConfigError(f"load_avdigits: snr_db must be a finite number of dB or None, got {snr_db!r}.")
 
@@ -211,6 +210,6 @@ def split_indices(n: int, val_fraction: float = 0.3, seed: int = 0) -> tuple[np.
         raise ConfigError(f"split_indices: need at least 2 samples to split, got n={n}.")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"split_indices: val_fraction must be in (0, 1), got {val_fraction}.")
-    n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)

@@ -32,8 +32,10 @@ class AVDigitsNet(nn.Module):
         feat_dim: Width of each encoder's output feature.
 
     Attributes:
-        audio_net: ``[B, 1, F, T]`` log-mel spectrogram -> ``[B, feat_dim]``. Two
-            3x3 convolutions with ReLU, then global average pooling.
+        audio_net: ``[B, 1, F, T]`` log-mel spectrogram -> ``[B, feat_dim]``. Per-clip
+            normalisation (``GroupNorm(1, 1)``, i.e. mean/variance over the whole
+            spectrogram of each clip), two 3x3 convolutions with ReLU and a 2x2 max
+            pool, adaptive average pooling to a 4x4 map, then a linear layer with ReLU.
         visual_net: ``[B, 1, 8, 8]`` image -> ``[B, feat_dim]``. An MLP with ReLU.
         fusion_head: ``nn.Linear(2 * feat_dim, n_classes)`` over
             ``torch.cat([audio_feature, visual_feature], dim=1)``.
@@ -42,6 +44,7 @@ class AVDigitsNet(nn.Module):
     def __init__(self, n_classes: int = 10, feat_dim: int = 32) -> None:
         super().__init__()
         self.audio_net = nn.Sequential(
+            nn.GroupNorm(1, 1),  # per-clip normalisation of the spectrogram (like CMVN)
             nn.Conv2d(1, 16, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
@@ -79,7 +82,10 @@ def train_plain(
     """Train ``model`` with Adam and cross-entropy (a minimal, deterministic loop).
 
     A stopgap until the project's reference training loop exists. The model is
-    called as ``model(audio, visual)``.
+    called as ``model(audio, visual)``. For :class:`AVDigitsNet` on the AV-digits
+    training split (1,258 samples), 20 epochs at ``lr=3e-3`` take about 5 s of CPU
+    time. On small shared CPUs, ``torch.set_num_threads(1)`` is much faster than
+    several threads for this tiny model.
 
     Args:
         model: The model to train in place, e.g. :class:`AVDigitsNet`.

@@ -14,13 +14,18 @@ from mmdiag.cli.summary import print_summary
 @handle_errors
 def demo(
     out: Path = typer.Option(Path("mmdiag-demo"), "--out", "-o", help="Output folder."),
-    snr_db: Optional[float] = typer.Option(None, "--snr-db", help="Add noise to the audio at this SNR (about -10 balances)."),
+    snr_db: Optional[float] = typer.Option(None, "--snr-db", help="Add noise to the audio at this SNR (about -5 balances)."),
     epochs: int = typer.Option(20, "--epochs", help="Training epochs of the demo model."),
     seed: int = typer.Option(0, "--seed", help="Seed of data noise, training and analysis."),
     overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite", help="Replace an earlier demo report in --out."),
 ) -> None:
     """Train a small audio-visual model on bundled AV-digits data and analyze it."""
+    import torch
+
     from mmdiag.demo import run_demo
+
+    # the demo model is tiny: one thread avoids cross-thread stalls on small CPUs
+    torch.set_num_threads(1)
 
     out_dir = prepare_out_dir(out, overwrite)
     console.print(f"[bold]mmdiag demo[/]: AV-digits (handwritten digits + spoken digits"
