@@ -69,7 +69,7 @@ def _separated(res: Result, hi: str, lo: str) -> bool:
 
 def recommend_fix(results: Mapping[str, Result], dominant: str, underused: Sequence[str],
                   t: VerdictThresholds) -> tuple[str, list[str]]:
-    """The fix that matches the diagnosis (METHODS section 19) and the reasons for it."""
+    """The fix that matches the diagnosis (methods.md §19) and the reasons for it."""
     reasons: list[str] = []
     comb = results.get("combinations")
     if comb is not None and comb.value is not None:

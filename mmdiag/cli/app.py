@@ -15,6 +15,8 @@ from mmdiag.cli.demo import demo
 from mmdiag.cli.gate_cmd import HELP as GATE_HELP
 from mmdiag.cli.gate_cmd import gate
 from mmdiag.cli.list_cmd import list_command
+from mmdiag.cli.rebalance_cmd import HELP as REBALANCE_HELP
+from mmdiag.cli.rebalance_cmd import rebalance
 from mmdiag.cli.render_cmd import render
 
 app = typer.Typer(
@@ -44,6 +46,7 @@ def root(
 app.command("analyze", help=ANALYZE_HELP)(analyze)
 app.command("list")(list_command)
 app.command("demo")(demo)
+app.command("rebalance", help=REBALANCE_HELP)(rebalance)
 app.command("gate", help=GATE_HELP)(gate)
 app.command("render")(render)
 app.command("compare")(compare)

@@ -45,7 +45,7 @@ class CAL(Diagnostic):
 
     mmdiag's definition: CAL's paper is available as an abstract only ("W^m combining information
     quantity I(m) and confidence D(m)", "Shapley-inspired", "Softmax-based"), so the formula below
-    is mmdiag's own operationalisation (METHODS 17.2, PROPOSED), not the authors'.
+    is mmdiag's own operationalisation (methods.md §17.2, PROPOSED), not the authors'.
 
     Definition, for modalities m = 1..M and the subset logits of the evidence (others masked as
     the adapter masks: feature-level R2 or input-level R3):

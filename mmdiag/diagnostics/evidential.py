@@ -70,7 +70,7 @@ def fuse(beliefs: list[np.ndarray], uncertainties: list[np.ndarray]) -> tuple[np
 class Evidential(Diagnostic):
     """Evidential uncertainty: how much Dirichlet evidence modality m's readout carries, and the fused opinion.
 
-    Definition (METHODS 10, TMC; RL-MBA's EFDA, METHODS 17.3, as mmdiag's PROPOSED
+    Definition (methods.md §10, TMC; RL-MBA's EFDA, methods.md §17.3, as mmdiag's PROPOSED
     operationalisation). For every modality m the m-only logits z_m (every other modality masked,
     from ``subsets``) are read as Dirichlet evidence e_m = g(z_m), with g = softplus
     (``evidence_fn="softplus"``, TMC's choice) or exp of z clamped to [-``exp_clamp``,
@@ -90,7 +90,7 @@ class Evidential(Diagnostic):
     per_sample columns (all N rows): ``u_<m>``, ``u_fused``, ``conflict``, ``driver``.
 
     mmdiag's definition: an ordinary checkpoint has no evidential heads, so treating softplus (or
-    exp) of its logits as evidence is an uncalibrated approximation (METHODS 10(e), PROPOSED);
+    exp) of its logits as evidence is an uncalibrated approximation (methods.md §10, PROPOSED);
     RL-MBA's paper text was not available, so the difficulty and driver definitions are mmdiag's.
     Any M >= 2: one opinion per modality, combined by the fold.
 

@@ -22,7 +22,7 @@ MAX_LISTED_BATCHES = 200
 class GradientConflict(Diagnostic):
     """Conflict between the fused loss and each modality's own loss on that modality's encoder.
 
-    Definition (METHODS section 7, MMPareto): on evaluation batch b, with theta_m the parameters of
+    Definition (methods.md §7, MMPareto): on evaluation batch b, with theta_m the parameters of
     encoder m, g_f = grad_theta_m CE(z, y) the gradient of the fused cross-entropy and
     g_u = grad_theta_m CE(z_m, y) that of the m-only readout z_m (the other modalities masked at the
     fusion input), c_{b,m} = <g_f, g_u> / (|g_f| |g_u|). Per modality, the batch-size-weighted mean

@@ -70,7 +70,7 @@ class MDI(Diagnostic):
     """Modality Dominance Index (MDACL, Liu et al. 2026): gradient contribution x feature entropy.
 
     mmdiag's definition: the MDACL paper gives only its abstract ("MDI ... jointly modeling feature
-    entropy and gradient contribution"), so this operationalisation is mmdiag's own (METHODS 17.1,
+    entropy and gradient contribution"), so this operationalisation is mmdiag's own (methods.md §17.1,
     PROPOSED), not the authors' formula.
 
     Definition, for modalities m = 1..M:

@@ -47,7 +47,7 @@ def coefficients(rho: np.ndarray, alpha: float) -> np.ndarray:
 class OGM(Diagnostic):
     """OGM-GE discrepancy ratio (Peng et al., CVPR 2022): which modality's readout is more confident.
 
-    Definition (METHODS 1): split the evaluated rows, in the evidence's seeded shuffled order,
+    Definition (methods.md §1): split the evaluated rows, in the evidence's seeded shuffled order,
     into batches B_t of ``batch_size`` consecutive rows (the last batch may be shorter, as in a
     training loop without drop_last). Per batch and modality,
     s^m_t = sum_{i in B_t} softmax(z_{m,i})[y_i], the summed true-class probability of the unimodal

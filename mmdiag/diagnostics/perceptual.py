@@ -26,7 +26,7 @@ def _std(x: np.ndarray) -> np.ndarray:
 class Perceptual(Diagnostic):
     """Perceptual score (Gat, Schwartz, Schwing, NeurIPS 2021): reliance measured by permutation.
 
-    Definition (METHODS 15): with A the fused accuracy on the evaluated rows and A(pi_k, m) the
+    Definition (methods.md §15): with A the fused accuracy on the evaluated rows and A(pi_k, m) the
     accuracy when modality m of every row is replaced by that of another row (random permutation
     pi_k, k = 1..K; the other modalities and the label stay), the perceptual score is
     PS_m = A - (1/K) sum_k A(pi_k, m). Per sample, d_{m,i} = c_i - (1/K) sum_k c_{k,m,i} with c the
@@ -35,7 +35,7 @@ class Perceptual(Diagnostic):
     modality and applies unchanged to any M.
 
     Details: ``normalized`` PS_m / A (None when A = 0; the paper reports a normalised score whose
-    exact normaliser METHODS did not re-verify, so dividing by A is mmdiag's choice); ``loss``
+    exact normaliser the paper's text leaves open, so dividing by A is mmdiag's choice); ``loss``
     L(pi, m) - L, the mean true-class cross-entropy under permutation minus the clean one (the
     risk form of the score used in the authors' repository); ``std`` and
     ``loss_std``, the sample standard deviation (ddof 1) of the score over the K permutations (the

@@ -21,7 +21,7 @@ from mmdiag.stats import bootstrap_ci, bootstrap_mean_ci
 class Probe(Diagnostic):
     """Linear-probe accuracy: how much label information modality m's encoder features hold.
 
-    Definition (METHODS P1, readout R4): for each modality m, a fresh multinomial logistic
+    Definition (methods.md P1, readout R4): for each modality m, a fresh multinomial logistic
     regression p(y | h) = softmax(W_m^T s(h_m) + b_m) is fitted on the frozen pooled features h_m,
     with s(.) the standardisation by the training rows' mean and std (constant columns map to 0),
     by minimising mean CE + ``weight_decay`` * ||W_m||^2 with L-BFGS from zero (strictly convex:
@@ -43,7 +43,7 @@ class Probe(Diagnostic):
     Cost: no model forwards beyond the pooled features of the feature subsample (capped by
     ``--max-probe-samples``, default 2000 rows); one small convex fit per modality
     (n x d_m x C, milliseconds to a second). Source: OGM-GE's linear-probe analysis and
-    BalanceMM's ``LinearProbeTrainer`` (METHODS P1 R4).
+    BalanceMM's ``LinearProbeTrainer`` (methods.md P1 R4).
     """
 
     name = "probe"

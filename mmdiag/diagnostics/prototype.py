@@ -52,7 +52,7 @@ def pmr_ratios(q_sums: np.ndarray) -> np.ndarray:
 class Prototype(Diagnostic):
     """Prototype confidence: how tightly modality m's features cluster around their class prototypes.
 
-    Definition (METHODS 3, PMR). Prototypes c_m^k = mean of the pooled features h_m of the rows of
+    Definition (methods.md §3, PMR). Prototypes c_m^k = mean of the pooled features h_m of the rows of
     class k. They are built on the separate probe data when it was collected (PMR builds them on
     training data), otherwise on a seeded per-class half of the feature rows (``proto_fraction``);
     the scores below are evaluated on the other rows, so a prototype never scores the rows that
@@ -79,7 +79,7 @@ class Prototype(Diagnostic):
     2000 rows); distances n x K x d per modality. Source: PMR (Fan et al., CVPR 2023), repository
     fanyunfeng-bit/Modal-Imbalance-PMR, ``main_Prototype_grad.py`` (calculate_prototype,
     EU_dist); BalanceMM ``trainer/PMR_trainer.py`` for M = 3. The OOD score follows PGAN's idea of
-    prototype distances; PGAN is not in METHODS' source table and no code of it was read.
+    prototype distances; PGAN is not in the methods index and no code of it was read.
     """
 
     name = "prototype"

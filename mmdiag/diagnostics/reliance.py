@@ -22,7 +22,7 @@ class Reliance(Diagnostic):
     "all but m" the logits with m masked (modality dropout at evaluation, as in UDML, DMRNet and
     MMANet). Headline: the spread max_m R_m - min_m R_m (0 = the model leans on every modality
     equally). Details: the drop in mean true-class log-probability, and UDML's dependency statistic
-    dep_m = sum_k mean_i |z_{m,i,k}| (mean absolute logit magnitude of the m-only readout, METHODS
+    dep_m = sum_k mean_i |z_{m,i,k}| (mean absolute logit magnitude of the m-only readout, methods.md
     section 12) with its shares dep_m / sum_k dep_k.
 
     How to read it: R_m near 0 for a modality means the model works as well without it; a large

@@ -18,7 +18,7 @@ from mmdiag.stats import positive_shares, shapley_matrix
 class Shapley(Diagnostic):
     """Shapley contribution of each modality to accuracy.
 
-    Definition (METHODS P2): with coalition value v(S) = accuracy of the model when only the
+    Definition (methods.md P2): with coalition value v(S) = accuracy of the model when only the
     modalities in S are present (the rest masked),
     phi_m = sum over S not containing m of |S|! (M - |S| - 1)! / M! * [v(S + {m}) - v(S)].
     The values add up to v(all) - v(none) (efficiency). The same is computed with v(S) = mean

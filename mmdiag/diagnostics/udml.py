@@ -23,7 +23,7 @@ UNDEFINED_SPEARMAN = 0.0
 
 
 def udml_weights(sigma: np.ndarray, dep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """UDML's fusion weights for M modalities (METHODS 12, generalisation to M).
+    """UDML's fusion weights for M modalities (methods.md §12, generalisation to M).
 
     t_m = (1 / sigma_m^2) / mean_k (1 / sigma_k^2)   (inverse-uncertainty weights, mean 1)
     w_m = (t_m / dep_m) / mean_k (t_k / dep_k)        (dependency-unbiased weights, mean 1)
@@ -43,14 +43,14 @@ def udml_weights(sigma: np.ndarray, dep: np.ndarray) -> tuple[np.ndarray, np.nda
 class Udml(Diagnostic):
     """Noise-aware uncertainty: the noise level a probe reads off modality m's clean features.
 
-    mmdiag's definition (PROPOSED adaptation of UDML, METHODS 12(e)). UDML trains, inside the model,
+    mmdiag's definition (PROPOSED adaptation of UDML, methods.md §12). UDML trains, inside the model,
     a small regressor per modality that predicts the level of Gaussian noise injected into that
     modality's input from its pooled feature, and uses the predicted level sigma_hat as the
     modality's uncertainty. A checkpoint that was not trained with UDML has no such regressor, so
     mmdiag fits one as a probe on the frozen encoder: the collected evidence holds, for every
     level l in ``noise_levels`` (1 = clean) and every row of the noise subsample, the pooled feature
     h_m^(l) of modality m's encoder with m's input corrupted by Gaussian noise of std
-    noise_step * (l - 1) * data_std (METHODS P3, on mmdiag's linear noise scale).
+    noise_step * (l - 1) * data_std (methods.md P3, on mmdiag's linear noise scale).
 
     Per modality m: the noise rows are split (seeded, by row, ``test_fraction`` held out; all the
     levels of one row stay on the same side). On the training rows an MLP d_m -> ``hidden`` -> ReLU

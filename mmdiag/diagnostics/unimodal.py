@@ -19,7 +19,7 @@ class Unimodal(Diagnostic):
     """Unimodal accuracy: what the model gets right from modality m alone.
 
     Definition: A_m = mean_i 1[argmax z_{m,i} = y_i], where z_m are the logits with every modality
-    but m masked (METHODS P1, readouts R2 at the feature level or R3 at the input level, as the
+    but m masked (methods.md P1, readouts R2 at the feature level or R3 at the input level, as the
     adapter masks). Headline: the spread max_m A_m - min_m A_m (0 = every modality alone is equally
     good). Details: per-class accuracy of each modality and the fused accuracy.
 

@@ -1,4 +1,4 @@
-"""ARL: asymmetric representation learning (Wei, Luo, Luo, ICCV 2025), METHODS section 11.
+"""ARL: asymmetric representation learning (Wei, Luo, Luo, ICCV 2025), methods.md §11.
 
 Also home of :class:`GradScale`, the identity-forward layer that multiplies the gradient flowing
 back through a modality's encoder output; CAL (:mod:`mmdiag.fixes.cal`) uses it too.
@@ -20,7 +20,7 @@ from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
 def arl_weights(dependence: Mapping[str, float], entropy: Mapping[str, float], temperature: float,
                 min_entropy_share: float = 0.3) -> dict[str, float]:
-    """ARL coefficients ω (general-M form of METHODS 11).
+    """ARL coefficients ω (general-M form of methods.md §11).
 
     D̂_m = D_m/Σ D, Ĥ_m = max(H_m/Σ H, min_entropy_share), a_m = (1/Ĥ_m)/Σ_k(1/Ĥ_k),
     ω = softmax_m(T · a_m · (1 − D̂_m)). For two modalities 1 − D̂_a = D̂_v, which is exactly the
@@ -47,7 +47,7 @@ class ARL(Fix):
           own fusion head) give the dependence D_m = Σ_k mean_i |z_m,ik| and the prediction
           variance proxy H_m = mean_i entropy(softmax z_m). With D̂_m = D_m/Σ D,
           Ĥ_m = max(H_m/Σ H, 0.3) and a_m = (1/Ĥ_m)/Σ_k (1/Ĥ_k), the coefficients are
-          ω = softmax_m(T · a_m · (1 − D̂_m)) — the general-M form proposed in METHODS 11, identical
+          ω = softmax_m(T · a_m · (1 − D̂_m)) — the general-M form proposed in methods.md §11, identical
           to ARL's two-modality cross terms softmax(T·[D̂_v a_a, D̂_a a_v]).
         * From epoch ``start`` on (epochs count from 0, so ``start`` warm-up epochs), the gradient
           at each encoder output h_m is multiplied by (1 + ω_m) (GradScale: identity forward) and

@@ -136,7 +136,7 @@ class Step:
     def readout(self, ctx: FixContext, present: tuple[str, ...] | list[str], features: Mapping[str, Any] | None = None) -> Tensor:
         """Logits with only ``present`` modalities (others masked at the feature level), with grad.
 
-        This is the unimodal readout R2 of METHODS P1 for a single modality; it costs one call of
+        This is the unimodal readout R2 of methods.md P1 for a single modality; it costs one call of
         the fusion head on the cached features.
         """
         feats = features if features is not None else self.features
@@ -151,7 +151,7 @@ class Fix(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    #: the diagnosis this fix answers (METHODS section 19), one line.
+    #: the diagnosis this fix answers (methods.md §19), one line.
     matches: ClassVar[str] = ""
     #: whether the fix needs each modality's encoder (gradient and feature fixes do).
     needs_encoders: ClassVar[bool] = True

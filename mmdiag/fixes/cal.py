@@ -1,4 +1,4 @@
-"""CAL: contribution-guided asymmetric learning (Xu, Kou, Wu, Liu, arXiv 2510.26289), METHODS 17.2 (PROPOSED)."""
+"""CAL: contribution-guided asymmetric learning (Xu, Kou, Wu, Liu, arXiv 2510.26289), methods.md §17.2 (PROPOSED)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 
 
 def shapley_values(values: Mapping[frozenset, float], modalities: Sequence[str]) -> dict[str, float]:
-    """Exact Shapley values φ_m = Σ_{S ⊆ M∖{m}} |S|!(M−|S|−1)!/M! · [v(S∪{m}) − v(S)] (METHODS P2)."""
+    """Exact Shapley values φ_m = Σ_{S ⊆ M∖{m}} |S|!(M−|S|−1)!/M! · [v(S∪{m}) − v(S)] (methods.md P2)."""
     n = len(modalities)
     out = {}
     for m in modalities:
@@ -112,7 +112,7 @@ def cal_weights(info: Mapping[str, float], confidence: Mapping[str, float], tau:
 class CAL(Fix):
     """CAL (proposed form): accelerate high-contribution modalities by (1 + W^m); contribution-aware bottleneck.
 
-    mmdiag's definition (METHODS 17.2; the paper's body and code were not available, everything
+    mmdiag's definition (methods.md §17.2; the paper's body and code were not available, everything
     beyond its abstract is PROPOSED):
 
     * Information quantity I(m): exact Shapley value of modality m with v(S) = mean true-class

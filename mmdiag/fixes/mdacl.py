@@ -1,4 +1,4 @@
-"""MDACL: MDI-guided HCG alignment and AER equilibrium (Liu et al., arXiv 2601.00598), METHODS 17.1 (PROPOSED)."""
+"""MDACL: MDI-guided HCG alignment and AER equilibrium (Liu et al., arXiv 2601.00598), methods.md §17.1 (PROPOSED)."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def projector(dim: int) -> nn.Module:
 class MDACL(Fix):
     """MDACL (proposed form): the running MDI gates weak-modality alignment (HCG) and adversarial equilibrium (AER).
 
-    mmdiag's definition (METHODS 17.1; only the paper's abstract is public, everything is PROPOSED):
+    mmdiag's definition (methods.md §17.1; only the paper's abstract is public, everything is PROPOSED):
 
     * Running MDI, from each training batch: feature entropy Ĥ_m = normalised spectral entropy of
       the pooled encoder outputs; gradient contribution G_m = mean_i |⟨∇_{h_m,i} L, h_m,i⟩| of the

@@ -1,4 +1,4 @@
-"""MMPareto: Pareto integration of multimodal and unimodal gradients (Wei & Hu, ICML 2024), METHODS 7."""
+"""MMPareto: Pareto integration of multimodal and unimodal gradients (Wei & Hu, ICML 2024), methods.md §7."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class MMPareto(Fix):
     loss that data parallelism leaves in ``.grad``.
 
     Source: GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py``, ``code/min_norm_solvers.py``.
-    BalanceMM's copy overwrites its modality loop variable with the solver output (METHODS 20);
+    BalanceMM's copy overwrites its modality loop variable with the solver output (methods.md §20);
     mmdiag follows the original. Signals: ``cos.<m>``.
     """
 

@@ -1,4 +1,4 @@
-"""UDML: unbiased dynamic multimodal learning (Wei et al., CVPR 2026 Findings; arXiv 2603.19681), METHODS 12."""
+"""UDML: unbiased dynamic multimodal learning (Wei et al., CVPR 2026 Findings; arXiv 2603.19681), methods.md §12."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class UDML(Fix):
     Kinetics-Sounds script). At inference the user's model runs as is (w = 0); the estimator is
     a by-product kept in ``aux``.
 
-    METHODS 20 pitfalls: UDML's spectrogram noise uses a fixed RNG seed (the same noise pattern at
+    methods.md §20 pitfalls: UDML's spectrogram noise uses a fixed RNG seed (the same noise pattern at
     every call); mmdiag draws all noise from one generator seeded with ``seed`` and advanced per
     batch (its state is saved for resumption). The σ clamp ``args.max`` of the pe=1 audio branch is
     undefined in the released parser; mmdiag applies no clamp (and has no pe=1 branch).

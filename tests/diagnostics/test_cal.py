@@ -1,4 +1,4 @@
-"""cal: CAL contribution weight W^m (mmdiag's proposed definition, METHODS 17.2)."""
+"""cal: CAL contribution weight W^m (mmdiag's proposed definition, methods.md §17.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""mdi: Modality Dominance Index (mmdiag's proposed definition, METHODS 17.1)."""
+"""mdi: Modality Dominance Index (mmdiag's proposed definition, methods.md §17.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ogm: OGM-GE discrepancy ratio (METHODS 1)."""
+"""ogm: OGM-GE discrepancy ratio (methods.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""perceptual: perceptual score by permutation (METHODS 15)."""
+"""perceptual: perceptual score by permutation (methods.md §15)."""
 
 from __future__ import annotations
 

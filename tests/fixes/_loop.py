@@ -6,7 +6,7 @@ It runs exactly the hook sequence documented in :mod:`mmdiag.fixes.base`::
     on_epoch_end per epoch; teardown in ``finally``
 
 and measures per-modality unimodal accuracy on held-out toy data by masking the other modalities'
-encoder outputs through the adapter (readout R2 of METHODS P1).
+encoder outputs through the adapter (readout R2 of methods.md P1).
 """
 
 from __future__ import annotations
