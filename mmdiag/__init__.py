@@ -15,12 +15,16 @@ from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic, register_diagnostic
 from mmdiag.errors import (AdapterError, ConfigError, EvidenceError, GateError, LoadError, MmdiagError,
                            TrainError)
 from mmdiag.evidence import Evidence
+from mmdiag.fixes import FIXES, Fix, FixContext, Step, fix_step, register_fix
+from mmdiag.rebalance import rebalance
 from mmdiag.report import Failure, Report, Result, Verdict
+from mmdiag.train import History, fit
 from mmdiag.verdict import VerdictThresholds
 
 __all__ = [
     "__version__", "analyze", "analyze_evidence", "collect", "CollectSettings", "ModelAdapter", "Evidence",
     "Report", "Result", "Failure", "Verdict", "VerdictThresholds", "Diagnostic", "DIAGNOSTICS",
     "register_diagnostic", "MmdiagError", "ConfigError", "LoadError", "AdapterError", "EvidenceError",
-    "GateError", "TrainError",
+    "GateError", "TrainError", "rebalance", "fit", "History", "Fix", "FixContext", "Step", "fix_step",
+    "FIXES", "register_fix",
 ]

@@ -1,0 +1,370 @@
+"""``mmdiag rebalance``: retrain with the fix the diagnosis calls for; compare before / after / baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mmdiag.cli import config as cfg
+from mmdiag.cli.analyze import SETTINGS as ANALYZE_SETTINGS
+from mmdiag.cli.common import console, err_console, handle_errors, parse_pairs, split_list
+from mmdiag.errors import ConfigError
+from mmdiag.registry import closest
+
+HELP = """Retrain a multimodal classifier with the fix that matches its diagnosis, and compare.
+
+Analyzes --model/--checkpoint on --val-data (before/), trains with --fix (a fix name, or auto: the
+fix the verdict recommends) for --epochs on --data, optionally trains the plain model under the same
+budget and seed (--baseline), analyzes the results (after/, baseline/) and writes OUT/model.safetensors,
+OUT/history.csv, OUT/comparison.json and OUT/comparison.csv. An interrupted run continues with
+--resume OUT."""
+
+#: Flags that config files (top level or the [rebalance] table) may set.
+SETTINGS = (
+    "model", "checkpoint", "data", "val_data", "modalities", "call", "encoder", "head", "mask", "mask_at",
+    "trust_checkpoint", "fix", "fix_param", "epochs", "optimizer", "lr", "weight_decay", "momentum", "batch_size",
+    "seed", "device", "init", "baseline", "grad_clip", "bootstrap", "only", "skip", "format", "out", "overwrite",
+    "nan_policy", "num_classes",
+)
+#: Settings that define the training; a resumed run must not change them.
+TRAINING_KEYS = (
+    "model", "checkpoint", "data", "val_data", "modalities", "call", "encoder", "head", "mask", "mask_at", "fix",
+    "fix_param", "epochs", "optimizer", "lr", "weight_decay", "momentum", "batch_size", "seed", "init", "baseline",
+    "grad_clip", "nan_policy", "num_classes",
+)
+_RUN_FILE = "run.json"
+
+
+class _TrainBar:
+    """One rich bar per training phase (per epoch), with the live loss and the fix's signals."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and err_console.is_terminal
+        self.progress: Progress | None = None
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "_TrainBar":
+        if self.enabled:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, phase: str, info: Any) -> None:
+        if info is None:
+            if self.progress is not None:
+                self.progress.console.print(f"[dim]{phase}...[/]", highlight=False)
+            else:
+                err_console.print(f"[dim]{phase}...[/]", highlight=False)
+            return
+        if self.progress is None:
+            if info.stage == "epoch":
+                err_console.print(f"[dim]{phase}: epoch {info.epoch + 1}/{info.epochs} {_info_text(info)}[/]",
+                                  highlight=False)
+            return
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(phase, total=info.epochs, info="")
+        done = info.epoch + (1 if info.stage == "epoch" else info.batch / max(info.batches, 1))
+        self.progress.update(self.tasks[phase], completed=done, info=_info_text(info))
+
+
+def _info_text(info: Any) -> str:
+    parts = [f"loss {info.loss:.3f}"]
+    row = info.row or {}
+    if "val_accuracy" in row:
+        parts.append(f"val {row['val_accuracy']:.3f}")
+    for k, v in sorted(row.items()):
+        if k.startswith("unimodal_acc."):
+            parts.append(f"{k.split('.', 1)[1]} {v:.3f}")
+    for k, v in list(info.signals.items())[:6]:
+        parts.append(f"{k} {v:.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k} {v}")
+    return "  ".join(parts)
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def comparison_table(rows: list[dict[str, Any]], fix: str, has_before: bool, has_baseline: bool) -> Table:
+    """Rows of the comparison: value before / after / baseline and the differences (* = intervals separate)."""
+    table = Table(title=f"rebalance with {fix}: before -> after" + (" vs baseline" if has_baseline else ""),
+                  title_justify="left")
+    table.add_column("value", style="bold")
+    if has_before:
+        table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    if has_baseline:
+        table.add_column("baseline", justify="right")
+    if has_before:
+        table.add_column("after-before", justify="right")
+    if has_baseline:
+        table.add_column("after-baseline", justify="right")
+
+    def diff(value: Any, separated: Any) -> str:
+        if value is None:
+            return "-"
+        mark = "*" if separated else ""
+        colour = "green" if value > 0 else "red" if value < 0 else ""
+        text = f"{value:+.3f}{mark}"
+        return f"[{colour}]{text}[/]" if colour and separated else text
+
+    for r in rows:
+        cells = [r["key"]]
+        if has_before:
+            cells.append(_fmt(r["before"]))
+        cells.append(_fmt(r["after"]))
+        if has_baseline:
+            cells.append(_fmt(r["baseline"]))
+        if has_before:
+            cells.append(diff(r["after_minus_before"], r["separated_after_before"]))
+        if has_baseline:
+            cells.append(diff(r["after_minus_baseline"], r["separated_after_baseline"]))
+        table.add_row(*cells)
+    table.caption = "* the 95% bootstrap intervals do not overlap"
+    return table
+
+
+def _merge_config(ctx: typer.Context, conf: dict[str, Any], source: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Resolve flags > [rebalance] table > top-level config > defaults; returns (options, fix params)."""
+    table = cfg.table(conf, "rebalance")
+    fix_params = dict(table.pop("fix_params", {}) or {})
+    if not isinstance(fix_params, dict):
+        raise ConfigError(f"[rebalance.fix_params] in {source or 'the config'} must be a table.")
+    for key in cfg.normalise_keys(table):
+        if key not in SETTINGS:
+            near = closest(key, list(SETTINGS) + ["fix_params"])
+            hint = f" Did you mean {near!r}?" if near else ""
+            raise ConfigError(f"Unknown key {key!r} in [rebalance] of {source or 'the config'}.{hint}")
+    top = {k: v for k, v in conf.items() if k != "rebalance"}
+    merged_conf = {**top, **table}
+    allowed = set(SETTINGS) | set(ANALYZE_SETTINGS)
+    o = cfg.resolve(ctx, dict(ctx.params), merged_conf, source, allowed)
+    return o, fix_params
+
+
+def _resume_options(ctx: typer.Context, o: dict[str, Any], folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options saved by the run in ``folder``; flags given now must agree with them."""
+    path = folder / _RUN_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {folder}: no {_RUN_FILE} there, so it is not the --out of an mmdiag rebalance run. "
+            "Point --resume at the folder given to --out before."
+        )
+    saved = json.loads(path.read_text())
+    opts, tables = dict(saved.get("options", {})), dict(saved.get("tables", {}))
+    changed = []
+    for key in TRAINING_KEYS:
+        src = getattr(ctx.get_parameter_source(key), "name", None)
+        if src == "COMMANDLINE" and _normal(o.get(key)) != _normal(opts.get(key)):
+            changed.append(f"--{key.replace('_', '-')} {o.get(key)!r} (the run used {opts.get(key)!r})")
+    if changed:
+        raise ConfigError(
+            f"--resume {folder} continues a run with its own settings; these flags differ: {'; '.join(changed)}. "
+            "Drop them, or start a new run with another --out."
+        )
+    for key in ("device", "quiet", "bootstrap", "only", "skip", "format"):
+        src = getattr(ctx.get_parameter_source(key), "name", None)
+        if src == "COMMANDLINE":
+            opts[key] = o.get(key)
+    opts["out"] = str(folder)
+    return opts, tables
+
+
+def _normal(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder. Choose another --out.")
+    earlier = [p for p in ("comparison.json", "checkpoint.pt", "baseline/checkpoint.pt", _RUN_FILE) if (out / p).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(
+            f"--out {out} already holds an earlier rebalance run ({', '.join(earlier)}). Pass --resume {out} to "
+            "continue it, --overwrite to start over, or choose another --out."
+        )
+    if overwrite:
+        for p in ("checkpoint.pt", "baseline/checkpoint.pt", "fix.json", _RUN_FILE):
+            if (out / p).is_file():
+                (out / p).unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@handle_errors
+def rebalance(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model factory: FILE.py:fn or package.module:fn."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights of the trained model (the 'before' model)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: FILE.npz, FILE.pt or FILE.py:fn."),
+    val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation data for the analyses and the history."),
+    fix: str = typer.Option("auto", "--fix", "-f", help="A fix name (mmdiag list fixes) or auto: the fix the diagnosis recommends."),
+    fix_param: Optional[list[str]] = typer.Option(None, "--fix-param", help="KEY=VALUE parameter of the fix (repeatable; FIX.KEY=VALUE for one fix only)."),
+    epochs: int = typer.Option(20, "--epochs", help="Training epochs (fix run and baseline)."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, adam or adamw."),
+    lr: float = typer.Option(1e-2, "--lr", help="Learning rate."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="Weight decay."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Training batch size (per process under torchrun)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, data order, fixes and analyses."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    init: str = typer.Option("scratch", "--init", help="scratch (fresh model from the factory) or checkpoint (fine-tune)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also train the plain model (fix none) under the same budget and seed."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the global gradient norm to this value."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run whose --out was DIR."),
+    modalities: Optional[str] = typer.Option(None, "--modalities", help="Comma-separated modality names (default: from the data)."),
+    call: Optional[str] = typer.Option(None, "--call", help="Forward convention: dict, kwargs or positional (default: detected)."),
+    encoder: Optional[list[str]] = typer.Option(None, "--encoder", help="MODALITY=MODULE naming each encoder (repeatable)."),
+    head: Optional[str] = typer.Option(None, "--head", help="Dotted name of the fusion head (default: detected)."),
+    mask: str = typer.Option("zero", "--mask", help="How an absent modality is filled: zero, mean or noise."),
+    mask_at: Optional[str] = typer.Option(None, "--mask-at", help="input or feature (default: feature when encoders are known)."),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full unpickling."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the analyses' 95% intervals."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated diagnostics for the analyses."),
+    skip: Optional[str] = typer.Option(None, "--skip", help="Comma-separated diagnostics to leave out of the analyses."),
+    format: Optional[str] = typer.Option(None, "--format", help="Report renderings of before/after/baseline: json,csv,html,png."),
+    nan_policy: str = typer.Option("error", "--nan-policy", help="Samples with NaN/Inf inputs: error or skip."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Number of classes (default: from the labels)."),
+    out: Path = typer.Option(Path("mmdiag-rebalance"), "--out", "-o", help="Output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out that holds an earlier run."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result line."),
+) -> None:
+    """Retrain with the fix the diagnosis calls for, and compare before / after / baseline."""
+    from mmdiag.loading import build_model, load_dataset
+    from mmdiag.rebalance import make_fix, rebalance as run_rebalance
+    from mmdiag.report import write_atomic
+    from mmdiag.train import OPTIMIZERS, Interrupted
+
+    if resume is not None:
+        o, tables = _resume_options(ctx, dict(ctx.params), resume)
+        fix_params = dict(tables.get("fix_params", {}))
+        model_kwargs, data_kwargs = tables.get("model_kwargs", {}), tables.get("data_kwargs", {})
+        analyze_params, threshold_table = tables.get("params", {}), tables.get("thresholds", {})
+        out_dir = resume
+    else:
+        conf, source = cfg.find_config(config)
+        o, fix_params = _merge_config(ctx, conf, source)
+        model_kwargs, data_kwargs = cfg.table(conf, "model_kwargs"), cfg.table(conf, "data_kwargs")
+        analyze_params = {k: dict(v) for k, v in cfg.table(conf, "params").items()}
+        threshold_table = cfg.table(conf, "thresholds")
+        for item in o.get("fix_param") or []:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--fix-param expects KEY=VALUE (e.g. alpha=0.8); found {item!r}.")
+            fix_params[key.strip()] = value.strip()
+        out_dir = Path(o["out"])
+    if not o.get("model"):
+        raise ConfigError("--model is required: a factory such as my_model.py:build or package.module:build.")
+    if not o.get("data"):
+        raise ConfigError("--data is required: the training data (FILE.npz, FILE.pt or FILE.py:make_dataset).")
+    if o["optimizer"] not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}; found {o['optimizer']!r}.")
+    if o["init"] not in ("scratch", "checkpoint"):
+        raise ConfigError(f"--init must be scratch or checkpoint; found {o['init']!r}.")
+    if o["init"] == "checkpoint" and not o.get("checkpoint"):
+        raise ConfigError("--init checkpoint fine-tunes the trained weights, so it needs --checkpoint FILE.")
+    if int(o["epochs"]) < 1:
+        raise ConfigError(f"--epochs must be at least 1; found {o['epochs']}.")
+    if o["fix"] != "auto":
+        make_fix(o["fix"], fix_params)  # unknown fix or parameter: exit 2 before anything runs
+    main_rank = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun only rank 0 writes
+    if resume is None and main_rank:
+        _check_out(out_dir, bool(o.get("overwrite")))
+
+    spec, kwargs = o["model"], dict(model_kwargs)
+    build_model(spec, kwargs)  # a broken factory fails here, before any training
+    mods = split_list(o.get("modalities"))
+    nan_policy = o.get("nan_policy") or "error"
+    train_ds, found = load_dataset(o["data"], mods, kwargs=dict(data_kwargs) or None, nan_policy=nan_policy,
+                                   num_classes=o.get("num_classes"))
+    val_ds = None
+    if o.get("val_data"):
+        val_ds, _ = load_dataset(o["val_data"], list(found), kwargs=dict(data_kwargs) or None, nan_policy=nan_policy,
+                                 num_classes=o.get("num_classes"))
+    if resume is None and main_rank:
+        options = {k: _normal(o.get(k)) for k in SETTINGS}
+        write_atomic(out_dir / _RUN_FILE, json.dumps({
+            "options": options,
+            "tables": {"fix_params": fix_params, "model_kwargs": dict(model_kwargs), "data_kwargs": dict(data_kwargs),
+                       "params": analyze_params, "thresholds": dict(threshold_table)},
+        }, indent=2, default=str) + "\n")
+
+    from mmdiag.verdict import VerdictThresholds
+
+    try:
+        thresholds = VerdictThresholds(**threshold_table)
+    except TypeError as exc:
+        raise ConfigError(f"[thresholds] in the config: {exc}.") from None
+    formats = o.get("format") or ("json", "csv", "html", "png")
+    settings = {"model": spec, "checkpoint": None if not o.get("checkpoint") else str(o["checkpoint"]),
+                "data": o["data"], "val_data": o.get("val_data")}
+    quiet = bool(o.get("quiet", quiet))
+    try:
+        with _TrainBar(not quiet) as bar:
+            result = run_rebalance(
+                lambda: build_model(spec, kwargs), train_ds, val_data=val_ds,
+                checkpoint=o.get("checkpoint"), trust_checkpoint=bool(o.get("trust_checkpoint")),
+                fix=o["fix"], fix_params=fix_params, init=o["init"], epochs=int(o["epochs"]),
+                optimizer=o["optimizer"], lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
+                momentum=float(o["momentum"]), batch_size=int(o["batch_size"]), seed=int(o["seed"]),
+                device=str(o["device"]), grad_clip=o.get("grad_clip"), baseline=bool(o["baseline"]),
+                out_dir=out_dir, resume=resume is not None, modalities=list(found), call=o.get("call"),
+                encoders=parse_pairs(o.get("encoder"), "--encoder"), head=o.get("head"), mask=o["mask"],
+                mask_at=o.get("mask_at"), bootstrap=int(o["bootstrap"]), only=split_list(o.get("only")),
+                skip=split_list(o.get("skip")), analyze_params=analyze_params, thresholds=thresholds,
+                settings=settings, progress=None if quiet or not main_rank else bar,
+                report_formats=formats,
+            )
+    except Interrupted as exc:
+        err_console.print(f"[yellow]interrupted[/] at epoch {exc.epoch}, batch {exc.batch}; the state is saved. "
+                          f"Continue with: mmdiag rebalance --resume {out_dir}", highlight=False)
+        raise typer.Exit(130) from None
+    if not main_rank or result.after is None:  # under torchrun only rank 0 prints
+        return
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/]", highlight=False)
+    choice = result.choice
+    if choice.get("requested") == "auto":
+        console.print(f"fix auto -> [bold]{result.fix}[/]: {choice.get('note')}", highlight=False)
+        for reason in choice.get("reasons") or []:
+            console.print(f"[dim]  {reason}[/]", highlight=False)
+    if not quiet:
+        console.print(comparison_table(result.comparison, result.fix, result.before is not None,
+                                       result.baseline is not None))
+    line = _result_line(result)
+    console.print(line, highlight=False)
+    if not quiet:
+        console.print(f"[dim]wrote {out_dir / 'model.safetensors'}, {out_dir / 'history.csv'} and "
+                      f"{out_dir / 'comparison.csv'}[/]")
+
+
+def _result_line(result: Any) -> str:
+    def val(key: str, col: str) -> str:
+        try:
+            return _fmt(result.row(key)[col])
+        except KeyError:
+            return "-"
+
+    mods = result.after.modalities
+    parts = [f"fused accuracy {val('accuracy', 'after')}"]
+    parts += [f"{m}-only {val(f'unimodal.{m}', 'after')}" for m in mods]
+    ref = "baseline" if result.baseline is not None else "before" if result.before is not None else None
+    text = f"after {result.fix}: " + ", ".join(parts)
+    if ref:
+        refs = [f"fused {val('accuracy', ref)}"] + [f"{m}-only {val(f'unimodal.{m}', ref)}" for m in mods]
+        text += f" ({ref}: " + ", ".join(refs) + ")"
+    return text
