@@ -28,9 +28,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mmdiag.adapter import MaskStats, ModelAdapter, first_tensor, map_tensors, pool, unwrap
+from mmdiag.adapter import (
+    MaskStats,
+    ModelAdapter,
+    first_tensor,
+    map_tensors,
+    pool,
+    unwrap,
+)
+from mmdiag.distributed import resolve_device
 from mmdiag.errors import AdapterError, ConfigError, EvidenceError
-from mmdiag.evidence import ENCODER_KINDS, EVIDENCE_KINDS, Evidence, members, merge_evidence
+from mmdiag.evidence import (
+    ENCODER_KINDS,
+    EVIDENCE_KINDS,
+    Evidence,
+    members,
+    merge_evidence,
+)
 
 #: progress(stage, done, total) is called as batches finish; total may be None.
 ProgressFn = Callable[[str, int, "int | None"], None]
@@ -84,19 +98,6 @@ class CollectSettings:
                 raise ConfigError(f"{name} must be >= 0; found {getattr(self, name)}.")
         if not self.noise_levels or min(self.noise_levels) < 1:
             raise ConfigError(f"noise levels must be integers >= 1 (1 = clean); found {self.noise_levels}.")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; explicit names are checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; found {name!r}.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device cpu.")
-    return device
 
 
 def split_batch(batch: Any, modalities: Sequence[str]) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:

@@ -1,4 +1,5 @@
-"""torch.distributed set-up shared by ``analyze`` and ``rebalance`` when started under torchrun."""
+"""Where mmdiag runs: the device, and torch.distributed set-up shared by ``analyze`` and
+``rebalance`` when started under torchrun."""
 
 from __future__ import annotations
 
@@ -6,6 +7,23 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from mmdiag.errors import ConfigError
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; explicit names are checked."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; found {name!r}.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA device. Use --device cpu.")
+    return device
 
 
 def init_from_env(device: str = "auto") -> tuple[int, int]:

@@ -46,6 +46,7 @@ from torch import nn
 from mmdiag.adapter import ModelAdapter
 from mmdiag.api import analyze, as_dataset
 from mmdiag.collect import CollectSettings
+from mmdiag.distributed import is_main_process
 from mmdiag.errors import ConfigError, TrainError
 from mmdiag.fixes import FIXES, Fix
 from mmdiag.registry import closest
@@ -278,15 +279,6 @@ class RebalanceResult:
         raise KeyError(key)
 
 
-def _is_main() -> bool:
-    with contextlib.suppress(Exception):
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    return True
-
-
 def _broadcast(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (unchanged without torch.distributed)."""
     with contextlib.suppress(ImportError):
@@ -435,7 +427,7 @@ def rebalance(
         return model, hist
 
     with distributed(device):
-        main = _is_main()
+        main = is_main_process()
         if out is not None and main:
             out.mkdir(parents=True, exist_ok=True)
 

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mmdiag.adapter import ModelAdapter, unwrap
+from mmdiag.distributed import resolve_device
 from mmdiag.errors import ConfigError, TrainError
 from mmdiag.fixes.base import Fix, FixContext, PlainTraining, fix_step
 
@@ -186,20 +187,6 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _resolve_device(name: str | torch.device) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; found {name!r}.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but PyTorch sees no CUDA device. Use --device cpu.")
-    return device
 
 
 def _as_dataset(data: Any, modalities: Sequence[str], what: str) -> Dataset:
@@ -343,7 +330,7 @@ def _init_distributed(device: torch.device) -> _Dist:
 def distributed(device: str | torch.device = "auto") -> Iterator[_Dist]:
     """Join the torch.distributed process group when started by torchrun (``WORLD_SIZE`` > 1) and
     leave it at the end if this call created it. Nested calls (and :func:`fit` inside) reuse it."""
-    info = _init_distributed(_resolve_device(device))
+    info = _init_distributed(resolve_device(device))
     try:
         yield info
     finally:
@@ -441,7 +428,7 @@ def evaluate(adapter: ModelAdapter, data: Any, *, batch_size: int = 256, device:
     otherwise). Runs in eval mode without gradients and restores the model's mode; it draws no
     numbers from the global generators (a noise mask uses its own seeded generator).
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     dataset = _as_dataset(data, adapter.modalities, "validation data")
     batches = _Batches(dataset, adapter.modalities, dev)
     model = unwrap(adapter.model)
@@ -613,7 +600,7 @@ def fit(
         raise TrainError("resume=True needs out_dir, the folder holding the checkpoint.pt to continue from.")
 
     epochs, batch_size, seed = int(epochs), int(batch_size), int(seed)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     dist_info = _init_distributed(device)
     if dist_info.world > 1 and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
