@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from mmdiag.cli import config as cfg
+from mmdiag.cli import options as opt
 from mmdiag.cli.common import ProgressBar, console, handle_errors, parse_pairs, prepare_out_dir, split_list
 from mmdiag.cli.summary import print_summary
 from mmdiag.errors import ConfigError
@@ -59,16 +60,16 @@ def analyze(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model factory: FILE.py:fn or package.module:fn."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="state_dict (.pt/.pth/.bin) or .safetensors."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="FILE.npz, FILE.pt or a dataset factory FILE.py:fn."),
-    modalities: Optional[str] = typer.Option(None, "--modalities", help="Comma-separated modality names (default: from the data)."),
-    call: Optional[str] = typer.Option(None, "--call", help="Forward convention: dict, kwargs or positional (default: detected)."),
-    encoder: Optional[list[str]] = typer.Option(None, "--encoder", help="MODALITY=MODULE naming each encoder (repeatable)."),
-    head: Optional[str] = typer.Option(None, "--head", help="Dotted name of the fusion head (default: detected)."),
-    mask: str = typer.Option("zero", "--mask", help="How an absent modality is filled: zero, mean or noise."),
-    mask_at: Optional[str] = typer.Option(None, "--mask-at", help="input or feature (default: feature when encoders are known)."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full unpickling (runs code from the file)."),
+    modalities: Optional[str] = opt.MODALITIES,
+    call: Optional[str] = opt.CALL,
+    encoder: Optional[list[str]] = opt.ENCODER,
+    head: Optional[str] = opt.HEAD,
+    mask: str = opt.MASK,
+    mask_at: Optional[str] = opt.MASK_AT,
+    trust_checkpoint: bool = opt.TRUST,
     batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = opt.DEVICE,
     seed: int = typer.Option(0, "--seed", help="Seed of every random choice (bootstrap, subsamples, masks)."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% intervals (0: none)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated diagnostics to run."),
@@ -78,12 +79,12 @@ def analyze(
     probe_data: Optional[str] = typer.Option(None, "--probe-data", help="Separate data to train linear probes on."),
     per_sample: bool = typer.Option(False, "--per-sample", help="Also write per-sample scores to OUT/per_sample.csv."),
     balance_of: Optional[str] = typer.Option(None, "--balance-of", help="Contribution measure behind 'balance': shapley, reliance, cal, mdi or attribution."),
-    nan_policy: str = typer.Option("error", "--nan-policy", help="Samples with NaN/Inf inputs: error or skip."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Number of classes (default: from the labels)."),
+    nan_policy: str = opt.NAN_POLICY,
+    num_classes: Optional[int] = opt.NUM_CLASSES,
     save_evidence: bool = typer.Option(False, "--save-evidence", help="Also write the collected evidence to OUT/evidence.pt."),
     out: Path = typer.Option(Path("mmdiag-report"), "--out", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in --out."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml)."),
+    config: Optional[Path] = opt.CONFIG,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the verdict line."),
     run_gate: bool = typer.Option(False, "--gate", help="After the analysis, check the rules of [gate] in the config (exit 1 when one fails)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Earlier report.json that 'baseline' in gate rules refers to."),

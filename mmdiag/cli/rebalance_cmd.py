@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mmdiag.cli import config as cfg
+from mmdiag.cli import options as opt
 from mmdiag.cli.analyze import SETTINGS as ANALYZE_SETTINGS
 from mmdiag.cli.common import console, err_console, handle_errors, parse_pairs, split_list
 from mmdiag.errors import ConfigError
@@ -220,27 +221,27 @@ def rebalance(
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
     batch_size: int = typer.Option(64, "--batch-size", help="Training batch size (per process under torchrun)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, data order, fixes and analyses."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = opt.DEVICE,
     init: str = typer.Option("scratch", "--init", help="scratch (fresh model from the factory) or checkpoint (fine-tune)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also train the plain model (fix none) under the same budget and seed."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the global gradient norm to this value."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run whose --out was DIR."),
-    modalities: Optional[str] = typer.Option(None, "--modalities", help="Comma-separated modality names (default: from the data)."),
-    call: Optional[str] = typer.Option(None, "--call", help="Forward convention: dict, kwargs or positional (default: detected)."),
-    encoder: Optional[list[str]] = typer.Option(None, "--encoder", help="MODALITY=MODULE naming each encoder (repeatable)."),
-    head: Optional[str] = typer.Option(None, "--head", help="Dotted name of the fusion head (default: detected)."),
-    mask: str = typer.Option("zero", "--mask", help="How an absent modality is filled: zero, mean or noise."),
-    mask_at: Optional[str] = typer.Option(None, "--mask-at", help="input or feature (default: feature when encoders are known)."),
-    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full unpickling."),
+    modalities: Optional[str] = opt.MODALITIES,
+    call: Optional[str] = opt.CALL,
+    encoder: Optional[list[str]] = opt.ENCODER,
+    head: Optional[str] = opt.HEAD,
+    mask: str = opt.MASK,
+    mask_at: Optional[str] = opt.MASK_AT,
+    trust_checkpoint: bool = opt.TRUST,
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the analyses' 95% intervals."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated diagnostics for the analyses."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Comma-separated diagnostics to leave out of the analyses."),
     format: Optional[str] = typer.Option(None, "--format", help="Report renderings of before/after/baseline: json,csv,html,png."),
-    nan_policy: str = typer.Option("error", "--nan-policy", help="Samples with NaN/Inf inputs: error or skip."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Number of classes (default: from the labels)."),
+    nan_policy: str = opt.NAN_POLICY,
+    num_classes: Optional[int] = opt.NUM_CLASSES,
     out: Path = typer.Option(Path("mmdiag-rebalance"), "--out", "-o", help="Output folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out that holds an earlier run."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml)."),
+    config: Optional[Path] = opt.CONFIG,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result line."),
 ) -> None:
     """Retrain with the fix the diagnosis calls for, and compare before / after / baseline."""

@@ -1,0 +1,23 @@
+"""Options shared by the commands that load a model and data (``analyze`` and ``rebalance``).
+
+One definition each, so the flags read and behave the same in every command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+MODALITIES: Optional[str] = typer.Option(None, "--modalities", help="Comma-separated modality names (default: from the data).")
+CALL: Optional[str] = typer.Option(None, "--call", help="Forward convention: dict, kwargs or positional (default: detected).")
+ENCODER: Optional[list[str]] = typer.Option(None, "--encoder", help="MODALITY=MODULE naming each encoder (repeatable).")
+HEAD: Optional[str] = typer.Option(None, "--head", help="Dotted name of the fusion head (default: detected).")
+MASK: str = typer.Option("zero", "--mask", help="How an absent modality is filled: zero, mean or noise.")
+MASK_AT: Optional[str] = typer.Option(None, "--mask-at", help="input or feature (default: feature when encoders are known).")
+TRUST: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full unpickling (runs code from the file).")
+DEVICE: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+NAN_POLICY: str = typer.Option("error", "--nan-policy", help="Samples with NaN/Inf inputs: error or skip.")
+NUM_CLASSES: Optional[int] = typer.Option(None, "--num-classes", help="Number of classes (default: from the labels).")
+CONFIG: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml).")
