@@ -33,13 +33,32 @@ def percentile_interval(draws: np.ndarray, level: float = 0.95) -> np.ndarray:
     )
 
 
+def bootstrap_mean_draws(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, K] column means of ``x`` [n, K] over ``n_boot`` row resamples (with replacement).
+
+    Each draw is ``counts @ x / n`` (counts = how often each row was drawn), a matrix product
+    rather than a gather of every column, so it costs O(chunk * n) memory and BLAS time whatever
+    the number of columns. The resamples are those of :func:`bootstrap_indices`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    n, k = x.shape
+    if n_boot <= 0 or n == 0:
+        return np.zeros((0, k))
+    out = []
+    for idx in bootstrap_indices(n, n_boot, seed):
+        chunk = idx.shape[0]
+        flat = (idx + np.arange(chunk)[:, None] * n).ravel()
+        counts = np.bincount(flat, minlength=chunk * n).reshape(chunk, n).astype(np.float64)
+        out.append(counts @ x / n)
+    return np.concatenate(out, axis=0)
+
+
 def bootstrap_mean_ci(
     per_sample: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> np.ndarray:
-    """Percentile interval of the mean of each column of ``per_sample`` [N, K] -> [K, 2].
-
-    Vectorised: the statistic is linear, so each draw is a gather and a mean.
-    """
+    """Percentile interval of the mean of each column of ``per_sample`` [N, K] -> [K, 2]."""
     x = np.asarray(per_sample, dtype=np.float64)
     squeeze = x.ndim == 1
     if squeeze:
@@ -47,8 +66,7 @@ def bootstrap_mean_ci(
     if n_boot <= 0 or x.shape[0] == 0:
         out = np.full((x.shape[1], 2), np.nan)
         return out[0] if squeeze else out
-    draws = np.concatenate([x[idx].mean(axis=1) for idx in bootstrap_indices(x.shape[0], n_boot, seed)])
-    out = percentile_interval(draws, level)
+    out = percentile_interval(bootstrap_mean_draws(x, n_boot, seed), level)
     return out[0] if squeeze else out
 
 

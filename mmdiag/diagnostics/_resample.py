@@ -12,28 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmdiag.stats import bootstrap_indices
+from mmdiag.stats import bootstrap_indices, bootstrap_mean_draws
 
-
-def bootstrap_mean_draws(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """[n_boot, K] column means of ``x`` [n, K] over ``n_boot`` row resamples (with replacement).
-
-    Each draw is computed as counts @ x / n (counts = how often each row was drawn), which needs
-    O(chunk * n) memory however many columns ``x`` has.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    n, k = x.shape
-    if n_boot <= 0 or n == 0:
-        return np.zeros((0, k))
-    out = []
-    for idx in bootstrap_indices(n, n_boot, seed):
-        chunk = idx.shape[0]
-        flat = (idx + np.arange(chunk)[:, None] * n).ravel()
-        counts = np.bincount(flat, minlength=chunk * n).reshape(chunk, n).astype(np.float64)
-        out.append(counts @ x / n)
-    return np.concatenate(out, axis=0)
+__all__ = ["bootstrap_mean_draws", "resample_rows", "interval", "ci_dict"]
 
 
 def resample_rows(n: int, n_boot: int, seed: int) -> list[np.ndarray]:
