@@ -11,16 +11,19 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-#: Rows of resampling indices drawn at once (bounds memory at N = 100k).
+#: Resampling indices drawn at once: at most 64 rows and about a million indices, so the transient
+#: memory of a bootstrap stays bounded (about 8 MB of indices) however large N is.
 _CHUNK = 64
+_CHUNK_INDICES = 1_000_000
 
 
 def bootstrap_indices(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Yield [chunk, n] arrays of resampling indices, ``n_boot`` rows in all, from a seeded generator."""
     rng = np.random.default_rng(seed)
     done = 0
+    rows = max(1, min(_CHUNK, _CHUNK_INDICES // max(n, 1)))
     while done < n_boot:
-        k = min(_CHUNK, n_boot - done)
+        k = min(rows, n_boot - done)
         yield rng.integers(0, n, size=(k, n))
         done += k
 
