@@ -338,11 +338,22 @@ class ModelAdapter:
             )
         return logits
 
+    def _module(self, name: str) -> nn.Module:
+        """Submodule by dotted name, from a lookup table built once (encoders are swapped for
+        stubs and back many times per batch; walking ``named_modules()`` each time is costly)."""
+        cache = self.__dict__.get("_module_cache")
+        if cache is None or cache[0] is not self.model:
+            cache = (self.model, dict(unwrap(self.model).named_modules()))
+            self.__dict__["_module_cache"] = cache
+        if name not in cache[1]:
+            return find_module(unwrap(self.model), name)  # raises with the closest name
+        return cache[1][name]
+
     def encoder_module(self, m: str) -> nn.Module:
         """The encoder submodule of modality ``m``."""
         if not self.encoders:
             raise AdapterError("No encoders are known for this model.")
-        return find_module(unwrap(self.model), self.encoders[m])
+        return self._module(self.encoders[m])
 
     @contextlib.contextmanager
     def _swapped(self, replacements: Mapping[str, Any]) -> Iterator[dict[str, _Stub]]:
@@ -354,7 +365,7 @@ class ModelAdapter:
             for m, value in replacements.items():
                 path = self.encoders[m]  # type: ignore[index]
                 parent_path, _, child = path.rpartition(".")
-                parent = find_module(root, parent_path) if parent_path else root
+                parent = self._module(parent_path) if parent_path else root
                 originals.append((parent, child, parent._modules[child]))
                 stubs[m] = _Stub(value)
                 parent._modules[child] = stubs[m]

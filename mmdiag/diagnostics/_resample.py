@@ -10,6 +10,8 @@ linear statistic computed from these draws has exactly the interval of
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
 from mmdiag.stats import bootstrap_indices, bootstrap_mean_draws
@@ -17,11 +19,13 @@ from mmdiag.stats import bootstrap_indices, bootstrap_mean_draws
 __all__ = ["bootstrap_mean_draws", "resample_rows", "interval", "ci_dict"]
 
 
-def resample_rows(n: int, n_boot: int, seed: int) -> list[np.ndarray]:
-    """The ``n_boot`` row-index arrays [n] drawn by :func:`mmdiag.stats.bootstrap_indices`."""
+def resample_rows(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """The ``n_boot`` row-index arrays [n] drawn by :func:`mmdiag.stats.bootstrap_indices`, one at a
+    time (a generator: the whole n_boot x n matrix is never held)."""
     if n_boot <= 0 or n == 0:
-        return []
-    return [row for idx in bootstrap_indices(n, n_boot, seed) for row in idx]
+        return
+    for idx in bootstrap_indices(n, n_boot, seed):
+        yield from idx
 
 
 def interval(draws: np.ndarray, level: float) -> np.ndarray:
