@@ -52,4 +52,5 @@ def is_main_process() -> bool:
 def shutdown() -> None:
     """Destroy the process group if one was created."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank leaves while a peer is still in a collective
         dist.destroy_process_group()

@@ -343,6 +343,9 @@ def _leave_group() -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # every rank reaches this point before any tears the group down: a rank that leaves
+            # while its peer is still in a collective makes gloo abort the peer
+            dist.barrier()
             dist.destroy_process_group()
 
 
