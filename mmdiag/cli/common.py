@@ -68,6 +68,10 @@ def parse_pairs(values: list[str] | None, flag: str) -> dict[str, str] | None:
 class ProgressBar:
     """A rich progress bar on stderr fed by mmdiag's ``progress(stage, done, total)`` callbacks."""
 
+    #: extra columns after the count (subclasses show live numbers there)
+    extra_columns: tuple[Any, ...] = ()
+    transient: bool = True
+
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and err_console.is_terminal
         self._progress: Progress | None = None
@@ -76,7 +80,8 @@ class ProgressBar:
     def __enter__(self) -> "ProgressBar":
         if self.enabled:
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), console=err_console, transient=True)
+                                      *self.extra_columns, TimeElapsedColumn(), console=err_console,
+                                      transient=self.transient)
             self._progress.__enter__()
         return self
 

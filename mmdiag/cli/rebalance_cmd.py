@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import TextColumn
 from rich.table import Table
 
 from mmdiag.cli import config as cfg
 from mmdiag.cli import options as opt
 from mmdiag.cli.analyze import SETTINGS as ANALYZE_SETTINGS
-from mmdiag.cli.common import console, err_console, handle_errors, parse_pairs, split_list
+from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, parse_pairs, split_list
 from mmdiag.errors import ConfigError
 from mmdiag.registry import closest
 
@@ -42,41 +42,28 @@ TRAINING_KEYS = (
 _RUN_FILE = "run.json"
 
 
-class _TrainBar:
+class _TrainBar(ProgressBar):
     """One rich bar per training phase (per epoch), with the live loss and the fix's signals."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and err_console.is_terminal
-        self.progress: Progress | None = None
-        self.tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> "_TrainBar":
-        if self.enabled:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console)
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
+    extra_columns = (TextColumn("{task.fields[info]}"),)
+    transient = False
 
     def __call__(self, phase: str, info: Any) -> None:
         if info is None:
-            if self.progress is not None:
-                self.progress.console.print(f"[dim]{phase}...[/]", highlight=False)
+            if self._progress is not None:
+                self._progress.console.print(f"[dim]{phase}...[/]", highlight=False)
             else:
                 err_console.print(f"[dim]{phase}...[/]", highlight=False)
             return
-        if self.progress is None:
+        if self._progress is None:
             if info.stage == "epoch":
                 err_console.print(f"[dim]{phase}: epoch {info.epoch + 1}/{info.epochs} {_info_text(info)}[/]",
                                   highlight=False)
             return
-        if phase not in self.tasks:
-            self.tasks[phase] = self.progress.add_task(phase, total=info.epochs, info="")
+        if phase not in self._tasks:
+            self._tasks[phase] = self._progress.add_task(phase, total=info.epochs, info="")
         done = info.epoch + (1 if info.stage == "epoch" else info.batch / max(info.batches, 1))
-        self.progress.update(self.tasks[phase], completed=done, info=_info_text(info))
+        self._progress.update(self._tasks[phase], completed=done, info=_info_text(info))
 
 
 def _info_text(info: Any) -> str:

@@ -11,21 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmdiag.adapter import first_tensor, pool
-from mmdiag.fixes._common import check_range, reduce_mean, require_encoders
+from mmdiag.fixes._common import check_range, grad_scale, reduce_mean, require_encoders
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
 
-class GradReverse(torch.autograd.Function):
-    """Identity forward; gradient multiplied by −``coeff`` in the backward (gradient-reversal layer)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, coeff: float) -> Tensor:  # type: ignore[override]
-        ctx.coeff = float(coeff)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return -ctx.coeff * grad, None
+def grad_reverse(x: Tensor, coeff: float) -> Tensor:
+    """Gradient-reversal layer: identity forward, gradient multiplied by -``coeff`` backward."""
+    return grad_scale(x, -coeff)
 
 
 def spectral_entropy(p: Tensor) -> float:
@@ -202,7 +194,7 @@ class MDACL(Fix):
         coeff = self.aer_coeff()
         disc = ctx.aux["mdacl_disc"]
         adv = sum(
-            F.cross_entropy(disc(GradReverse.apply(proj[m], coeff)),
+            F.cross_entropy(disc(grad_reverse(proj[m], coeff)),
                             torch.full((proj[m].shape[0],), j, dtype=torch.long, device=proj[m].device))
             for j, m in enumerate(mods)
         ) / len(mods)

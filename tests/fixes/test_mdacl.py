@@ -22,7 +22,7 @@ from fixes._loop import (SEEDS, check_hooks_fire, check_teardown, evaluate, one_
 from mmdiag.adapter import pool
 from mmdiag.errors import ConfigError
 from mmdiag.fixes import FIXES
-from mmdiag.fixes.mdacl import (MDACL, GradReverse, gradient_contribution, mdi_shares, mdi_value,
+from mmdiag.fixes.mdacl import (MDACL, grad_reverse, gradient_contribution, mdi_shares, mdi_value,
                                 spectral_entropy)
 
 
@@ -91,7 +91,7 @@ def test_gradient_contribution_shares_and_mdi_by_hand():
 def test_gradient_reversal_layer():
     x = torch.randn(3, 2, requires_grad=True)
     c = torch.randn(3, 2)
-    y = GradReverse.apply(x, 0.25)
+    y = grad_reverse(x, 0.25)
     assert torch.equal(y, x)
     (y * c).sum().backward()
     assert torch.equal(x.grad, -0.25 * c)
