@@ -27,7 +27,8 @@ from mmdiag.errors import EvidenceError
 EVIDENCE_KINDS: dict[str, str] = {
     "subsets": "logits for every subset of modalities (masking the others)",
     "features": "pooled encoder features of a random subsample (needs encoders)",
-    "grad_x_act": "per-sample |gradient x activation| of the fused loss at each encoder output (needs encoders)",
+    "grad_x_act": "per-sample |gradient x activation| of the true-class logit margin and of the fused loss "
+                  "at each encoder output (needs encoders)",
     "param_grads": "cosine of fused and unimodal loss gradients on each encoder's parameters (needs encoders)",
     "permutations": "correctness and loss with one modality permuted across samples",
     "noise_features": "pooled encoder features of inputs corrupted at a grid of noise levels (needs encoders)",
@@ -78,7 +79,9 @@ class Evidence:
         subsets: [2^M, N, C] logits per subset mask, or None.
         features: modality -> [n_f, d_m] pooled encoder features of the rows in ``feature_rows``.
         feature_rows: [n_f] row numbers (into ``labels``) of the feature subsample.
-        grad_x_act: [n_g, M] per-sample |<dL/dh_m, h_m>| of the fused cross-entropy, rows ``grad_rows``.
+        grad_x_act: [n_g, M] per-sample |<dT/dh_m, h_m>| of the centred true-class logit margin
+            T = z_y - mean_k z_k, rows ``grad_rows``.
+        grad_x_loss: [n_g, M] per-sample |<dL/dh_m, h_m>| of the fused cross-entropy L, same rows.
         grad_rows: [n_g] row numbers of the gradient subsample.
         param_grad_norm: [M] norm of each encoder's parameter gradient of the mean fused loss.
         grad_cosine: [n_batches, M] per batch, cos(grad of fused CE, grad of m-only CE) on encoder m.
@@ -89,6 +92,8 @@ class Evidence:
         noise_features: modality -> [L, n_u, d_m] pooled features with that modality corrupted.
         noise_rows: [n_u] row numbers of the noise subsample.
         attribution: [n_a, M] summed |Integrated-Gradients attribution| per modality.
+        attribution_signed: [n_a, M] summed signed Integrated-Gradients attribution per modality
+            (by completeness, the rows sum to f_y(x) - f_y(baseline) up to the delta).
         attribution_delta: [n_a] captum's convergence delta per sample.
         attribution_rows: [n_a] row numbers of the attribution subsample.
         ood: [N] bool out-of-distribution flags when the data carries an ``ood`` key.
@@ -109,6 +114,7 @@ class Evidence:
     features: dict[str, Tensor] | None = None
     feature_rows: Tensor | None = None
     grad_x_act: Tensor | None = None
+    grad_x_loss: Tensor | None = None
     grad_rows: Tensor | None = None
     param_grad_norm: Tensor | None = None
     grad_cosine: Tensor | None = None
@@ -119,6 +125,7 @@ class Evidence:
     noise_features: dict[str, Tensor] | None = None
     noise_rows: Tensor | None = None
     attribution: Tensor | None = None
+    attribution_signed: Tensor | None = None
     attribution_delta: Tensor | None = None
     attribution_rows: Tensor | None = None
     ood: Tensor | None = None
@@ -256,12 +263,14 @@ class Evidence:
         keep, kw["grad_rows"] = remap(self.grad_rows)
         if keep is not None and self.grad_x_act is not None:
             kw["grad_x_act"] = self.grad_x_act[keep]
+            kw["grad_x_loss"] = None if self.grad_x_loss is None else self.grad_x_loss[keep]
         keep, kw["noise_rows"] = remap(self.noise_rows)
         if keep is not None and self.noise_features is not None:
             kw["noise_features"] = {m: f[:, keep] for m, f in self.noise_features.items()}
         keep, kw["attribution_rows"] = remap(self.attribution_rows)
         if keep is not None and self.attribution is not None:
             kw["attribution"] = self.attribution[keep]
+            kw["attribution_signed"] = None if self.attribution_signed is None else self.attribution_signed[keep]
             kw["attribution_delta"] = None if self.attribution_delta is None else self.attribution_delta[keep]
         kw["modalities"] = self.modalities
         return Evidence(**kw)
@@ -317,11 +326,11 @@ def merge_evidence(parts: Sequence[Evidence]) -> Evidence:
         modalities=first.modalities, n_classes=first.n_classes,
         labels=cat("labels"), logits=cat("logits"), index=cat("index"),  # type: ignore[arg-type]
         subsets=cat("subsets", 1), features=cat_dict("features"), feature_rows=rows("feature_rows"),
-        grad_x_act=cat("grad_x_act"), grad_rows=rows("grad_rows"), param_grad_norm=norm,
+        grad_x_act=cat("grad_x_act"), grad_x_loss=cat("grad_x_loss"), grad_rows=rows("grad_rows"), param_grad_norm=norm,
         grad_cosine=cat("grad_cosine"), grad_batch_sizes=cat("grad_batch_sizes"),
         perm_correct=cat("perm_correct", 2), perm_nll=cat("perm_nll", 2), noise_levels=first.noise_levels,
         noise_features=cat_dict("noise_features", 1), noise_rows=rows("noise_rows"),
-        attribution=cat("attribution"), attribution_delta=cat("attribution_delta"),
+        attribution=cat("attribution"), attribution_signed=cat("attribution_signed"), attribution_delta=cat("attribution_delta"),
         attribution_rows=rows("attribution_rows"), ood=cat("ood"), head_split=cat("head_split", 1),
         probe_features=first.probe_features, probe_labels=first.probe_labels, meta=meta,
     )

@@ -70,12 +70,17 @@ def test_grad_x_act_matches_autograd_by_hand():
     ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"grad_x_act"}, CollectSettings(**CPU))
     x = {m: torch.as_tensor(test[m])[ev.index[ev.grad_rows]] for m in names}
     y = ev.labels[ev.grad_rows]
-    feats = {m: model.encoders[m](x[m]).detach().requires_grad_(True) for m in names}
-    loss = torch.nn.functional.cross_entropy(model.head(torch.cat([feats[m] for m in names], 1)), y, reduction="sum")
-    loss.backward()
-    for j, m in enumerate(names):
-        ref = (feats[m].grad * feats[m]).sum(1).abs()
-        torch.testing.assert_close(ev.grad_x_act[:, j], ref, atol=1e-5, rtol=1e-4)
+    for column, target in (("grad_x_act", "margin"), ("grad_x_loss", "loss")):
+        feats = {m: model.encoders[m](x[m]).detach().requires_grad_(True) for m in names}
+        z = model.head(torch.cat([feats[m] for m in names], 1))
+        if target == "loss":
+            torch.nn.functional.cross_entropy(z, y, reduction="sum").backward()
+        else:
+            for i in range(len(y)):  # z_y - mean_k z_k, one row at a time
+                (z[i, y[i]] - z[i].mean()).backward(retain_graph=True)
+        for j, m in enumerate(names):
+            ref = (feats[m].grad * feats[m]).sum(1).abs()
+            torch.testing.assert_close(getattr(ev, column)[:, j], ref, atol=1e-5, rtol=1e-4)
 
 
 def test_rows_are_shuffled_and_mapped_back():

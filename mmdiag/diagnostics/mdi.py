@@ -79,8 +79,16 @@ class MDI(Diagnostic):
       eigenvalues lambda_j of their Gram matrix (squared singular values), q_j = lambda_j / sum
       lambda, H_m = -sum_j q_j log q_j / log(min(n, d_m)) in [0, 1] (log effective rank over log
       maximal rank). A constant modality (all rows equal, e.g. all-zero features) has H_m = 0.
-    - Gradient contribution G_m = mean_i |<dL/dh_{m,i}, h_{m,i}>| of the fused cross-entropy L
-      (first-order Taylor contribution of the modality's fusion input), Gh_m = G_m / sum_k G_k.
+    - Gradient contribution G_m = mean_i |<dT_i/dh_{m,i}, h_{m,i}>|, the first-order (Taylor,
+      gradient x activation) contribution of the modality's fusion input h_m to a target T, and
+      Gh_m = G_m / sum_k G_k. ``target="margin"`` (default): T_i = z_{i,y_i} - mean_k z_{i,k}, the
+      centred true-class logit of the fused head. ``target="loss"``: T_i = the fused cross-entropy,
+      the literal reading of the proposal. mmdiag defaults to the margin because the loss gradient
+      vanishes on confidently correct samples, so G then measures only the few misclassified ones
+      and is heavy-tailed: on the dominance toy (seeds 0-2) the margin gives the carrying modality
+      0.84-0.88 of G against 0.54-0.64 for the loss, and it still ranks the carrier first at M = 3
+      and 5, where the loss does not. For a linear concat head the margin's G_m is exactly the mean
+      size of modality m's centred logit contribution |(W_m h_m)_y - mean_k (W_m h_m)_k|.
     - MDI_m = Gh_m^lam * (H_m / sum_k H_k)^(1 - lam), renormalised to sum 1 (lam = 0.5). Shares
       whose total is 0 become uniform 1/M.
     - Headline: for M = 2, log(MDI_1 / MDI_2) (0 = balanced, > 0 the first modality dominates,
@@ -92,8 +100,8 @@ class MDI(Diagnostic):
 
     How to read it: MDI_m is modality m's share of "dominance"; 1/M each is balanced. A flagged
     headline means one modality's index is more than ``threshold`` times another's. The details
-    show which factor drives it: the gradient share (how much the fused loss's first-order
-    sensitivity flows through m) or the entropy share (how spread out m's feature spectrum is).
+    show which factor drives it: the gradient share (how much of the fused head's first-order
+    true-class margin flows through m) or the entropy share (how spread out m's feature spectrum is).
     The two can disagree: a dominant modality whose features collapse onto a few class directions
     has a large gradient share but a *low* spectral entropy, which pulls its MDI back toward 1/M.
     ``param_grad_share`` (the share of each encoder's parameter-gradient norm, MDACL's alternative
@@ -114,6 +122,8 @@ class MDI(Diagnostic):
     activation measure is captum's LayerGradientXActivation summed over the feature.
     """
 
+    TARGETS = ("margin", "loss")
+
     name = "mdi"
     summary = "Modality Dominance Index: gradient share x feature-entropy share (log ratio; 0 = balanced)"
     needs = frozenset({"features", "grad_x_act"})
@@ -122,12 +132,15 @@ class MDI(Diagnostic):
     lam: float = 0.5
     threshold: float = 1.5
     entropy_bootstrap: int = 200
+    target: str = "margin"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"mdi: lam must lie in [0, 1]; found {self.lam}.")
         if self.threshold < 1.0:
             raise ConfigError(f"mdi: threshold is a ratio and must be >= 1; found {self.threshold}.")
+        if self.target not in self.TARGETS:
+            raise ConfigError(f"mdi: target must be one of {', '.join(self.TARGETS)}; found {self.target!r}.")
         if self.entropy_bootstrap < 0:
             raise ConfigError(f"mdi: entropy_bootstrap must be >= 0; found {self.entropy_bootstrap}.")
 
@@ -139,7 +152,11 @@ class MDI(Diagnostic):
         if missing:
             raise EvidenceError(f"mdi: no pooled features for {', '.join(missing)}.")
         feats = [ev.features[m].detach().double().reshape(ev.features[m].shape[0], -1).numpy() for m in mods]
-        gxa = ev.grad_x_act.detach().double().numpy()
+        per_sample = ev.grad_x_act if self.target == "margin" else ev.grad_x_loss
+        if per_sample is None:
+            raise EvidenceError(f"mdi: no gradient x activation of the {self.target} in the evidence "
+                                "(collected by an older mmdiag?); collect it again or use target='margin'.")
+        gxa = per_sample.detach().double().numpy()
         if gxa.ndim != 2 or gxa.shape[1] != len(mods) or gxa.shape[0] == 0:
             raise EvidenceError(f"mdi: grad_x_act must be [n > 0, {len(mods)}]; found {list(gxa.shape)}.")
         n_f = feats[0].shape[0]
@@ -179,6 +196,7 @@ class MDI(Diagnostic):
             "headline": "log(MDI_1 / MDI_2)" if len(mods) == 2 else "log(max MDI / min MDI)",
             "n_feature_rows": int(n_f),
             "n_grad_rows": int(gxa.shape[0]),
+            "target": self.target,
             "entropy_resamples": int(min(self.bootstrap, self.entropy_bootstrap)) if self.bootstrap > 0 else 0,
         }
         if ev.param_grad_norm is not None and ev.param_grad_norm.numel() == len(mods):

@@ -201,15 +201,41 @@ def test_param_grad_shares_when_present():
 # ---------------------------------------------------------------------------- direction
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_direction_on_dominance_knob(seed):
-    # measured (seeds 0, 1, 2): DOMINANT headline +0.070, +0.176, +0.059 (gradient share of audio
-    # 0.64, 0.63, 0.54; entropy share 0.39, 0.45, 0.48 pulls the other way), never flagged;
-    # BALANCED headline -0.200, -0.077, -0.205, below the flag at log 1.5 = 0.405.
-    dom = MDI(bootstrap=0).compute(toy_evidence(DOMINANT, seed, kinds=KINDS))
-    assert dom.value > 0.0 and dom.details["largest"] == "audio"
-    assert dom.details["gradient_share"]["audio"] > 0.5
-    bal = MDI(bootstrap=0).compute(toy_evidence(BALANCED, seed, kinds=KINDS))
+    # measured (seeds 0, 1, 2), default target "margin": DOMINANT headline +0.63, +0.89, +0.91, all
+    # flagged (gradient share of audio 0.84, 0.88, 0.87 outweighs the entropy share 0.39-0.49);
+    # BALANCED headline -0.17, -0.13, -0.09, none flagged.
+    dom = MDI(bootstrap=200).compute(toy_evidence(DOMINANT, seed, kinds=KINDS))
+    assert dom.details["dominance_flag"] and dom.details["dominant"] == "audio"
+    assert dom.value_ci[0] > 0.0  # the interval excludes balance
+    assert dom.details["gradient_share"]["audio"] > 0.75
+    bal = MDI(bootstrap=200).compute(toy_evidence(BALANCED, seed, kinds=KINDS))
     assert not bal.details["dominance_flag"]
     assert abs(bal.value) < math.log(1.5)
+    assert 0.4 < bal.details["gradient_share"]["audio"] < 0.6
+
+
+@pytest.mark.parametrize("strength", [(3.0, 0.8, 0.8), (3.0, 0.8, 0.8, 0.8, 0.8)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_direction_names_the_carrier_beyond_two_modalities(strength, seed):
+    # measured: the carrier m0 has the largest MDI in every case (gradient share 0.73-0.79 at M = 3,
+    # 0.54-0.66 at M = 5), all flagged; target "loss" ranks another modality first in 3 of the 6
+    res = MDI(bootstrap=0).compute(toy_evidence(strength, seed, kinds=KINDS))
+    assert res.details["dominant"] == "m0"
+    shares = res.details["gradient_share"]
+    assert shares["m0"] == max(shares.values()) and shares["m0"] > 0.5
+
+
+def test_loss_target_reads_the_cross_entropy_column():
+    ev = toy_evidence(DOMINANT, 0, kinds=KINDS)
+    res = MDI(bootstrap=0, target="loss").compute(ev)
+    expected = ev.grad_x_loss.double().mean(0)
+    assert [res.details["gradient"][m] for m in ev.modalities] == pytest.approx(expected.tolist())
+    assert res.details["target"] == "loss"
+    swapped = Evidence(**{**ev.to_dict(), "grad_x_act": ev.grad_x_loss, "modalities": ev.modalities})
+    assert MDI(bootstrap=0).compute(swapped).per_modality == pytest.approx(res.per_modality)
+    ev_old = Evidence(**{**ev.to_dict(), "grad_x_loss": None, "modalities": ev.modalities})
+    with pytest.raises(EvidenceError, match="loss"):
+        MDI(target="loss").compute(ev_old)
 
 
 # ---------------------------------------------------------------------------- contract
@@ -233,6 +259,8 @@ def test_rejects_bad_parameters_and_evidence():
         MDI(threshold=0.5)
     with pytest.raises(ConfigError):
         MDI(entropy_bootstrap=-1)
+    with pytest.raises(ConfigError, match="margin"):
+        MDI(target="logits")
     ev = tiny_evidence()
     ev.features = None
     with pytest.raises(EvidenceError):
