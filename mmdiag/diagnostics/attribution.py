@@ -13,11 +13,12 @@ from mmdiag.diagnostics._shares import (
     interval,
     keyed,
     mean_draws,
+    positive_share_rows,
     ranking,
     separated,
 )
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
-from mmdiag.errors import EvidenceError
+from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
 
@@ -50,16 +51,37 @@ class Attribution(Diagnostic):
     true-class logit gap when the evidence defines the baseline's logits (input-level zero or mean
     masking), else relative to the total attribution mass.
 
+    Scale: absolute mass grows with the number of input elements and with input noise (many small
+    attributions of either sign each add to |IG|), so a modality with many elements or a noisy one
+    gets a larger share than its effect on the output. On the embedded AV-digits demo the 400-element
+    spectrogram gets 0.97 of the mass against 0.03 for the 64-pixel image, and 0.99 at the SNR
+    where Shapley calls the two balanced. ``details.signed_share`` therefore always gives the
+    completeness-based share: S_{m,i} = sum over m's elements of the *signed* IG attribution (the
+    straight-line path value of modality m as one block; sum_m S_{m,i} = f_y(x_i) - f_y(baseline)
+    up to the delta), S_m = mean_i S_{m,i}, signed share = max(S_m, 0) / sum_k max(S_k, 0)
+    (uniform if no S_m is positive). Attributions of noise cancel in sign, so it does not grow with
+    element count. ``share="signed"`` makes it the per_modality value (and what ``balance`` reads),
+    with the headline spread computed from it; mmdiag's option, the default follows the issue's
+    "absolute mass" definition.
+
     Intervals: bootstrap over the attributed samples. Cost: ``ig_steps`` forward+backward passes per
     attributed sample (256 samples x 32 steps by default). Source: captum ``IntegratedGradients``
     (Sundararajan et al., 2017).
     """
+
+    SHARES = ("absolute", "signed")
 
     name = "attribution"
     summary = "share of absolute Integrated-Gradients attribution per modality (captum)"
     needs = frozenset({"attribution"})
     uses = COMPARED
     higher_is_better = True
+
+    share: str = "absolute"
+
+    def __post_init__(self) -> None:
+        if self.share not in self.SHARES:
+            raise ConfigError(f"attribution: share must be one of {', '.join(self.SHARES)}; found {self.share!r}.")
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         shares, kept = attribution_shares(ev)
@@ -70,18 +92,36 @@ class Attribution(Diagnostic):
                 "equals the masking baseline, or the evidence is empty); attribution shares are undefined."
             )
         mods = ev.modalities
-        means = shares.mean(axis=0)
+        abs_means = shares.mean(axis=0)
+        abs_draws = mean_draws(shares, self.bootstrap, self.seed)
+        signed = None if ev.attribution_signed is None else ev.attribution_signed.detach().double().cpu().numpy()
+        if signed is not None:
+            signed_means = positive_share_rows(signed.mean(axis=0))
+            signed_draws = positive_share_rows(mean_draws(signed, self.bootstrap, self.seed))
+        elif self.share == "signed":
+            raise EvidenceError("attribution: share='signed' needs the signed attribution sums, which this "
+                                "evidence lacks (collected by an older mmdiag?); collect it again.")
+        if self.share == "signed":
+            means, draws = signed_means, signed_draws
+        else:
+            means, draws = abs_means, abs_draws
         values = {m: float(means[j]) for j, m in enumerate(mods)}
-        draws = mean_draws(shares, self.bootstrap, self.seed)
         ci = keyed(mods, interval(draws, self.level))
         value_ci = interval(draws.max(axis=1) - draws.min(axis=1), self.level)[0]
 
         details: dict[str, Any] = {
+            "share": self.share,
             "n_samples": int(shares.shape[0]),
             "n_zero_attribution": int(n_a - shares.shape[0]),
             "share_std": {m: float(shares[:, j].std()) for j, m in enumerate(mods)},
             "mean_mass": {m: float(v) for m, v in zip(mods, ev.attribution.double().abs().mean(0).tolist())},  # type: ignore[union-attr]
+            "absolute_share": {m: float(abs_means[j]) for j, m in enumerate(mods)},
+            "absolute_share_ci": keyed(mods, interval(abs_draws, self.level)),
         }
+        if signed is not None:
+            details["signed_share"] = {m: float(signed_means[j]) for j, m in enumerate(mods)}
+            details["signed_share_ci"] = keyed(mods, interval(signed_draws, self.level))
+            details["mean_signed"] = {m: float(v) for m, v in zip(mods, signed.mean(axis=0).tolist())}
         details.update(_convergence(ev))
         details["rankings"] = _rankings(values, ci, mods, prior or {})
         return self.result(

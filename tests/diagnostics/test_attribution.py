@@ -12,7 +12,7 @@ import torch
 from mmdiag.adapter import ModelAdapter
 from mmdiag.collect import CollectSettings, collect
 from mmdiag.diagnostics import DIAGNOSTICS
-from mmdiag.errors import EvidenceError
+from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.loading import dataset_from_arrays
 from mmdiag.report import Result
@@ -139,10 +139,87 @@ def test_convergence_delta_small_and_attribution_matches_a_plain_riemann_sum() -
             avg[m] += g / steps
     mass = torch.stack([(avg[m] * x[m]).abs().flatten(1).sum(1) for m in names], dim=1)
     assert torch.allclose(mass, ev.attribution[:6], rtol=0.05)
-    signed = sum((avg[m] * x[m]).flatten(1).sum(1) for m in names)
+    per_modality = torch.stack([(avg[m] * x[m]).flatten(1).sum(1) for m in names], dim=1)
+    assert torch.allclose(per_modality, ev.attribution_signed[:6], atol=0.02 * float(per_modality.abs().max()))
+    signed = per_modality.sum(1)
     with torch.no_grad():
         gap = (model(x) - model({m: torch.zeros_like(v) for m, v in x.items()})).gather(1, y[:, None])[:, 0]
     assert torch.allclose(signed, gap, atol=0.02 * float(gap.abs().max()))
+
+
+# ------------------------------------------------------------------------------------ signed share
+def signed_reference(signed: list[list[float]], mods) -> dict[str, float]:
+    """Loop version: positive parts of the per-modality mean signed attribution, normalised."""
+    means = [sum(row[j] for row in signed) / len(signed) for j in range(len(mods))]
+    pos = [max(v, 0.0) for v in means]
+    total = sum(pos)
+    return {m: (p / total if total > 0 else 1.0 / len(mods)) for m, p in zip(mods, pos)}
+
+
+def test_signed_share_matches_reference_and_becomes_the_value_when_asked() -> None:
+    ev = toy_evidence(DOMINANT, 0)
+    ref = signed_reference(ev.attribution_signed.double().tolist(), ev.modalities)
+    default = ATTR(bootstrap=100).compute(ev)
+    assert default.details["share"] == "absolute"
+    assert default.details["signed_share"] == pytest.approx(ref, abs=1e-9)
+    signed = ATTR(bootstrap=100, share="signed").compute(ev)
+    assert signed.per_modality == pytest.approx(ref, abs=1e-9)
+    assert signed.value == pytest.approx(max(ref.values()) - min(ref.values()), abs=1e-9)
+    assert signed.details["absolute_share"] == pytest.approx(default.per_modality)
+    for m, (lo, hi) in signed.ci.items():
+        assert lo <= signed.per_modality[m] <= hi
+    # a modality whose mean signed attribution is negative gets share 0, not a negative share
+    hand = hand_evidence(np.ones((4, 2)))
+    hand.attribution_signed = torch.tensor([[2.0, -1.0], [1.0, -0.5], [3.0, 0.5], [2.0, -1.0]])
+    assert ATTR(bootstrap=10, share="signed").compute(hand).per_modality == {"audio": 1.0, "visual": 0.0}
+    hand.attribution_signed = None
+    with pytest.raises(EvidenceError, match="signed"):
+        ATTR(share="signed").compute(hand)
+    with pytest.raises(ConfigError):
+        ATTR(share="relative")
+
+
+def test_signed_share_is_not_inflated_by_extra_noise_elements() -> None:
+    """Pad the weak modality with 400 pure-noise elements the model never reads (the trained head
+    sees only the original columns): the absolute share jumps, the signed share barely moves."""
+    model = trained_toy(BALANCED, 0, "concat")
+    names = names_for(2)
+    test = dict(toy_split(BALANCED, 0)[1])
+    width = test["visual"].shape[1]
+
+    class Padded(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, inputs):
+            return self.inner({"audio": inputs["audio"], "visual": inputs["visual"][:, :width]})
+
+    rng = np.random.default_rng(0)
+    padded = dict(test)
+    padded["visual"] = np.concatenate(
+        [test["visual"], rng.normal(size=(len(test["label"]), 400)).astype(test["visual"].dtype)], axis=1)
+    settings = CollectSettings(device="cpu", seed=0, batch_size=128, max_attribution_samples=64, ig_steps=16)
+
+    def shares(net, data):
+        ev = collect(ModelAdapter(net, tuple(names), mask_at="input"), dataset_from_arrays(data), {"attribution"}, settings)
+        res = ATTR(bootstrap=0).compute(ev)
+        return res.details["absolute_share"]["visual"], res.details["signed_share"]["visual"]
+
+    abs_plain, signed_plain = shares(Padded(), test)
+    abs_padded, signed_padded = shares(Padded(), padded)
+    # the noise columns get zero gradient through the slice, so both stay put; now let them leak in
+    assert abs_padded == pytest.approx(abs_plain, abs=1e-6)
+
+    class Leaky(Padded):
+        def forward(self, inputs):
+            extra = inputs["visual"][:, width:].sum(1, keepdim=True) * 0.05  # small, zero-mean input
+            return super().forward(inputs) + extra
+
+    abs_leak, signed_leak = shares(Leaky(), padded)
+    # measured: absolute visual share 0.50 -> 0.73; signed 0.432 -> 0.435
+    assert abs_leak > abs_plain + 0.15
+    assert signed_leak == pytest.approx(signed_plain, abs=0.05)
 
 
 # ------------------------------------------------------------------------------------ rankings
@@ -229,6 +306,14 @@ def test_direction_over_seeds() -> None:
         assert abs(bal["audio"] - bal["visual"]) < 0.15
     # measured audio shares (DOMINANT, BALANCED): seed 0 (0.82, 0.50), 1 (0.82, 0.52), 2 (0.81, 0.50)
     assert all(d > b for d, b in measured.values())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_signed_share_direction(seed: int) -> None:
+    dom = ATTR(bootstrap=200, share="signed").compute(toy_evidence(DOMINANT, seed))
+    bal = ATTR(bootstrap=200, share="signed").compute(toy_evidence(BALANCED, seed))
+    assert dom.per_modality["audio"] > 0.7 and dom.ci["audio"][0] > 0.5
+    assert abs(bal.per_modality["audio"] - 0.5) < 0.12
 
 
 # ------------------------------------------------------------------------------------ (e) determinism
