@@ -1,16 +1,32 @@
-"""MDACL: MDI-guided HCG alignment and AER equilibrium (Liu et al., arXiv 2601.00598), methods.md §17.1 (PROPOSED)."""
+"""MDACL: MDI-guided HCG alignment and AER equilibrium (Liu et al., arXiv 2601.00598), methods.md §17.1 (PROPOSED).
+
+Only the paper's abstract is public, so every formula here is mmdiag's operationalisation. Two
+choices go beyond the literal §17.1 text, both measured on the toy dominance fixture (SGD, 16
+epochs, seeds 0-2; weak-modality unimodal accuracy, plain training 0.378):
+
+* the running MDI differentiates the centred true-class logit margin, not the fused loss (as the
+  ``mdi`` diagnostic does): the loss gradient vanishes on confidently-correct samples, and with it
+  the running MDI did not flag the dominant modality on one seed of three;
+* HCG's deepest stage is the fusion head's unimodal readout (the weak modality's logits with the
+  others at their feature baseline, aligned to the dominant modality's readout), with λ_hcg = 1.
+  Aligning projected encoder features alone (0.374), the adversarial term, and the gradient-rescale
+  companion (0.383) leave the weak modality where plain training leaves it, because none of them
+  teaches the fusion head to read the weak features; with the readout stage it reaches 0.658.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmdiag.adapter import first_tensor, pool
+from mmdiag.errors import ConfigError
 from mmdiag.fixes._common import check_range, grad_scale, reduce_mean, require_encoders
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
@@ -38,8 +54,31 @@ def spectral_entropy(p: Tensor) -> float:
 
 
 def gradient_contribution(grad: Tensor, h: Tensor) -> float:
-    """G = mean_i |⟨∇_{h_i} L, h_i⟩| (first-order Taylor contribution of one modality's features)."""
+    """G = mean_i |⟨∇_{h_i} T, h_i⟩| (first-order Taylor contribution of one modality's features to T)."""
     return float((grad.detach() * h.detach()).flatten(1).sum(dim=1).abs().mean())
+
+
+#: what the running MDI's gradient contribution differentiates (see :func:`contribution_target`)
+TARGETS = ("margin", "loss")
+
+
+def contribution_target(logits: Tensor, labels: Tensor, target: str = "margin") -> Tensor:
+    """The scalar whose feature gradients give the gradient contribution G_m.
+
+    ``"margin"`` (default, as the ``mdi`` diagnostic): Σ_i (z_{i,y_i} − mean_k z_{i,k}), the centred
+    true-class logit margin summed over the batch, so each sample's gradient is its own and does not
+    vanish once the sample is confidently correct. ``"loss"``: the batch-mean fused cross-entropy
+    (the literal proposal; its gradient fades on easy samples and is heavy-tailed).
+    """
+    if target == "margin":
+        z = logits.float()
+        return (z.gather(1, labels[:, None])[:, 0] - z.mean(dim=1)).sum()
+    return F.cross_entropy(logits.float(), labels)
+
+
+def centred(z: Tensor) -> Tensor:
+    """Logits minus their mean over the classes (softmax is unchanged by a common shift)."""
+    return z - z.mean(dim=1, keepdim=True)
 
 
 def mdi_shares(entropy: Mapping[str, float], contribution: Mapping[str, float], lam: float) -> dict[str, float]:
@@ -76,31 +115,47 @@ class MDACL(Fix):
     mmdiag's definition (methods.md §17.1; only the paper's abstract is public, everything is PROPOSED):
 
     * Running MDI, from each training batch: feature entropy Ĥ_m = normalised spectral entropy of
-      the pooled encoder outputs; gradient contribution G_m = mean_i |⟨∇_{h_m,i} L, h_m,i⟩| of the
-      fused loss L, from **one** extra ``torch.autograd.grad(L, features, retain_graph=True)``
-      (it only traverses the fusion head); MDI_m = Ĝ_m^λ (Ĥ_m/Σ Ĥ)^{1−λ}, renormalised; the shares
-      are an EMA (``momentum`` 0.9, starting uniform) over batches. Scalar ``mdi`` = log(share_1/share_2)
-      for two modalities (> 0: the first dominates), log(max/min) for more.
-    * HCG: the generic encoders expose no stages, so guidance acts at one stage, the pooled encoder
-      output, with small per-modality projectors g_m (2-layer MLPs, auxiliary modules).
-      L_HCG = Σ_{m ≠ dom} gate_m · mean_i (1 − cos(g_m(p_m,i), stopgrad(g_dom(p_dom,i)))), with
-      dom = the modality with the largest running share and gate_m = min(1, log(share_dom/share_m)/log 1.5):
-      it switches off smoothly when balanced. Weight λ_hcg = 0.1.
+      the pooled encoder outputs; gradient contribution G_m = mean_i |⟨∇_{h_m,i} T, h_m,i⟩| with
+      T = Σ_i (z_{i,y_i} − mean_k z_{i,k}) the centred true-class logit margin of the fused logits
+      (``target="margin"``, the ``mdi`` diagnostic's default; ``target="loss"`` uses the fused
+      cross-entropy, the literal proposal), from **one** extra
+      ``torch.autograd.grad(T, features, retain_graph=True)`` (it only traverses the fusion head);
+      MDI_m = Ĝ_m^λ (Ĥ_m/Σ Ĥ)^{1−λ}, renormalised; the shares are an EMA (``momentum`` 0.9,
+      starting uniform) over batches. Scalar ``mdi`` = log(share_1/share_2) for two modalities
+      (> 0: the first dominates), log(max/min) for more.
+    * HCG (hierarchical cross-modal guidance): dom = the modality with the largest running share
+      guides every other modality m at two stages, weighted ω increasing with depth:
+
+      1. the pooled encoder output, through small per-modality projectors g_m (2-layer MLPs,
+         auxiliary modules): 1 − cos(g_m(p_m,i), stopgrad(g_dom(p_dom,i))), ω_enc = 0.5;
+      2. the fusion head's unimodal readout (mmdiag's addition; the generic encoders expose no
+         inner stages, and this is the stage the fused classifier actually reads):
+         z_m = head(features with every other modality at its feature baseline),
+         1 − cos(centred z_m,i, stopgrad(centred z_dom,i)), ω_readout = 1.
+
+      L_HCG = Σ_{m ≠ dom} gate_m · mean_i (ω_enc · stage 1 + ω_readout · stage 2), with
+      gate_m = min(1, log(share_dom/share_m)/log 1.5): it switches off smoothly when balanced.
+      Weight λ_hcg = 1 (methods.md proposes 0.1 for the feature stage alone; with the readout stage
+      at 0.1 the weak modality gains less on the toy: 0.508 vs 0.658).
     * AER: a modality discriminator D (2-layer MLP, auxiliary) classifies which modality each
       projected feature g_m(p_m) came from; encoders and projectors receive its gradient reversed
       and scaled by λ_adv · tanh(|MDI|/τ) (zero when balanced). The discriminator itself is always
       trained (loss weight 1, it only touches auxiliary parameters).
     * Optional companion (``rescale``, off by default): multiply encoder m's gradients by
-      clip((1/M)/share_m, 0.5, 2) after the backward.
+      clip((1/M)/share_m, 0.5, 2) after the backward. It is off because it did not help on the toy
+      (alone 0.383 vs plain 0.378; with HCG 0.650 vs 0.658): it scales only the encoder, and scaling
+      at the fusion input instead reaches the encoder alone too (same numbers); the fusion head's
+      weights for the weak modality are unchanged by either.
 
     Generalisation to M > 2: one dominant modality (largest share) guides all others, each with
     its own gate; the discriminator has M classes; ``mdi`` = log(max share/min share).
 
-    Defaults: λ = 0.5, balanced threshold log 1.5, λ_hcg = 0.1, λ_adv = 0.1, τ = 0.5, projector
-    width 32, discriminator hidden 64, EMA 0.9.
+    Defaults: λ = 0.5, balanced threshold log 1.5, λ_hcg = 1, ω_enc = 0.5, ω_readout = 1,
+    λ_adv = 0.1, τ = 0.5, projector width 32, discriminator hidden 64, EMA 0.9, target "margin".
 
     Cost: 1F + 1B per step, plus one backward through the fusion head only (feature gradients),
-    an SVD of a B×d matrix per modality, and the projectors/discriminator (tiny).
+    M fusion-head calls on the cached features (the readouts, only while a gate is open), an SVD
+    of a B×d matrix per modality, and the projectors/discriminator (tiny).
 
     Under torch.distributed the batch entropies and contributions are averaged over the processes
     before the shares are formed, so every rank gates the same way.
@@ -116,13 +171,16 @@ class MDACL(Fix):
 
     lam: float = 0.5
     threshold: float = math.log(1.5)
-    lambda_hcg: float = 0.1
+    lambda_hcg: float = 1.0
     lambda_adv: float = 0.1
     tau: float = 0.5
     proj_dim: int = 32
     hidden: int = 64
     momentum: float = 0.9
     rescale: bool = False
+    target: str = "margin"
+    omega_encoder: float = 0.5
+    omega_readout: float = 1.0
     _share: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
     _batch_share: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -135,6 +193,10 @@ class MDACL(Fix):
         check_range(self.name, "proj_dim", self.proj_dim, 1, integer=True)
         check_range(self.name, "hidden", self.hidden, 1, integer=True)
         check_range(self.name, "momentum", self.momentum, 0, 1, high_open=True)
+        check_range(self.name, "omega_encoder", self.omega_encoder, 0)
+        check_range(self.name, "omega_readout", self.omega_readout, 0)
+        if self.target not in TARGETS:
+            raise ConfigError(f"{self.name}: target must be one of {', '.join(TARGETS)}; found {self.target!r}.")
 
     def setup(self, ctx: FixContext) -> None:
         require_encoders(ctx, self.name)
@@ -170,8 +232,9 @@ class MDACL(Fix):
         mods = ctx.modalities
         feats = {m: first_tensor(step.features[m]) for m in mods}
         needs = [m for m in mods if feats[m].requires_grad]
-        grads = dict(zip(needs, torch.autograd.grad(step.loss, [feats[m] for m in needs], retain_graph=True,
-                                                    allow_unused=True)))
+        target = contribution_target(step.logits, step.labels, self.target)
+        grads = dict(zip(needs, torch.autograd.grad(target, [feats[m] for m in needs], retain_graph=True,
+                                                    allow_unused=True))) if needs else {}
         pooled = {m: pool(feats[m]) for m in mods}
         local = torch.tensor([spectral_entropy(pooled[m]) for m in mods] + [
             gradient_contribution(grads[m], feats[m]) if grads.get(m) is not None else 0.0 for m in mods])
@@ -185,12 +248,23 @@ class MDACL(Fix):
 
         proj = {m: ctx.aux[f"mdacl_proj_{m}"](pooled[m].float()) for m in mods}
         dom = self.dominant()
-        target = proj[dom].detach()
+        gates = {m: self.hcg_gate(m) for m in mods}
         hcg: Tensor | float = 0.0
-        for m in mods:
-            gate = self.hcg_gate(m)
-            if gate > 0:
-                hcg = hcg + gate * (1 - F.cosine_similarity(proj[m], target, dim=1)).mean()
+        if any(g > 0 for g in gates.values()):
+            # stage 1: projected pooled encoder outputs; stage 2 (deepest): the fusion head's
+            # unimodal readouts (other modalities at their feature baseline), centred logits
+            guide = proj[dom].detach()
+            guide_z = None
+            if self.omega_readout > 0:
+                with torch.no_grad():
+                    guide_z = centred(step.readout(ctx, [dom]).float())
+            for m in mods:
+                if gates[m] > 0:
+                    term = self.omega_encoder * (1 - F.cosine_similarity(proj[m], guide, dim=1)).mean()
+                    if guide_z is not None:
+                        z_m = centred(step.readout(ctx, [m]).float())
+                        term = term + self.omega_readout * (1 - F.cosine_similarity(z_m, guide_z, dim=1)).mean()
+                    hcg = hcg + gates[m] * term
         coeff = self.aer_coeff()
         disc = ctx.aux["mdacl_disc"]
         adv = sum(
