@@ -473,6 +473,10 @@ def rebalance(
             fix_obj = make_fix(str(choice["used"]), fix_params)
         if choice.get("recommended") and choice.get("used") != choice.get("recommended"):
             notes.append(str(choice["note"]))
+        if type(fix_obj).scales_gradients and optimizer.lower() in ("adam", "adamw"):
+            notes.append(f"{fix_obj.name} acts by rescaling gradients, and {optimizer} normalises each "
+                         "parameter's gradient scale, which cancels most of that; the method was designed "
+                         "for SGD (try --optimizer sgd)")
 
         if out is not None and main:
             _write_json(out / "fix.json", {**choice, "fix": fix_obj.name, "params": fix_obj.params(),

@@ -226,3 +226,15 @@ def test_make_fix_parses_text_values() -> None:
     fix = make_fix("ogm_ge", {"alpha": "1", "end_epoch": "none", "agm": {"alpha": 5.0}, "agm.cap": 3})
     assert fix.alpha == 1.0 and isinstance(fix.alpha, float) and fix.end_epoch is None
     assert make_fix("agm", {"agm": {"alpha": 5.0}, "agm.cap": 3}).params()["cap"] == 3
+
+
+def test_gradient_scaling_fix_under_adam_says_so(ws: Path) -> None:
+    args = ["rebalance", "--model", "toy_model.py:build", "--data", "train.npz", "--out", "adam", "--fix", "ogm_ge",
+            "--optimizer", "adam", "--epochs", "1", "--device", "cpu", "--only", "unimodal", "--bootstrap", "0",
+            "--format", "json"]
+    res = run(args, ws)
+    assert res.exit_code == 0, res.output
+    notes = json.loads((ws / "adam" / "comparison.json").read_text())["notes"]
+    assert any("ogm_ge acts by rescaling gradients" in n and "--optimizer sgd" in n for n in notes), notes
+    assert FIXES.get("ogm_ge").scales_gradients and FIXES.get("agm").scales_gradients
+    assert not FIXES.get("modality_dropout").scales_gradients

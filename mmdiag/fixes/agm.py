@@ -93,6 +93,7 @@ class AGM(Fix):
     summary: ClassVar[str] = "rescales each modality's Shapley response gradient by exp(alpha*(r_bar - r))"
     matches: ClassVar[str] = "Shapley mono-modal responses imbalanced relative to their own history (AGM)"
     needs_encoders: ClassVar[bool] = False
+    scales_gradients: ClassVar[bool] = True
 
     alpha: float = 1.0
     start_epoch: int = 0

@@ -80,6 +80,7 @@ class OGMGE(Fix):
     summary: ClassVar[str] = "scales the dominant encoder's gradients by 1 - tanh(alpha*rho) and adds gradient noise"
     matches: ClassVar[str] = "one modality dominates the fused head's confidence (OGM ratio rho >> 1)"
     needs_encoders: ClassVar[bool] = True
+    scales_gradients: ClassVar[bool] = True
 
     alpha: float = 0.1
     mode: str = "ogm_ge"
