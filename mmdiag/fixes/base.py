@@ -155,6 +155,8 @@ class Fix(ABC):
     matches: ClassVar[str] = ""
     #: whether the fix needs each modality's encoder (gradient and feature fixes do).
     needs_encoders: ClassVar[bool] = True
+    #: whether the fix acts by rescaling gradients, which Adam-type optimizers largely normalise away.
+    scales_gradients: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
