@@ -61,6 +61,7 @@ from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.evidence import members
 from mmdiag.fixes import FIXES
 from mmdiag.fixes.base import FixContext, fix_step
+from mmdiag.stats import shared_resamples
 
 HERE = Path(__file__).resolve().parent
 TARGET_COST = 3.0
@@ -339,10 +340,11 @@ def bench_cost(sizes: Sizes, device: torch.device, log: Callable[[str], None]) -
     ev = collect(adapter, data, default_needs(), cs)
     computes: dict[str, dict[str, float]] = {}
     prior: dict[str, Any] = {}
-    for d in build_diagnostics(select_diagnostics(), bootstrap=sizes.bootstrap):
-        res, t = median_timing(lambda: d.compute(ev, prior), reps)
-        prior[d.name] = res
-        computes[d.name] = {"wall": t.wall, "cpu": t.cpu}
+    with shared_resamples():  # as in analyze: the diagnostics share one set of bootstrap resamples
+        for d in build_diagnostics(select_diagnostics(), bootstrap=sizes.bootstrap):
+            res, t = median_timing(lambda: d.compute(ev, prior), reps)
+            prior[d.name] = res
+            computes[d.name] = {"wall": t.wall, "cpu": t.cpu}
     breakdown.append({"M": m_count, "N": n, "plain_s": plain.wall, "plain_cpu_s": plain.cpu,
                       "collect": kinds, "compute": computes})
     if sizes.profile:

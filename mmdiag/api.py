@@ -23,6 +23,7 @@ from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic
 from mmdiag.errors import ConfigError, MmdiagError
 from mmdiag.evidence import ENCODER_KINDS, Evidence
 from mmdiag.report import Failure, Report, Result, json_safe
+from mmdiag.stats import shared_resamples
 from mmdiag.verdict import VerdictThresholds, judge
 
 
@@ -114,7 +115,8 @@ def analyze_evidence(ev: Evidence, *, only: Sequence[str] | None = None, skip: S
     """Diagnose collected evidence and judge it; see :func:`analyze`."""
     names = select_diagnostics(only, skip)
     diagnostics = build_diagnostics(names, params, bootstrap, seed)
-    results, failures = run_diagnostics(ev, diagnostics)
+    with shared_resamples():  # the diagnostics resample the same rows: draw them once
+        results, failures = run_diagnostics(ev, diagnostics)
     t = thresholds or VerdictThresholds()
     verdict = judge(results, ev.modalities, t)
     return Report(

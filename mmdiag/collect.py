@@ -374,14 +374,20 @@ class _Collector:
                 nll[k, j] = F.cross_entropy(z.float(), labels, reduction="none").cpu()
         return correct, nll
 
-    def gradients(self, inputs: Mapping[str, Tensor], labels: Tensor) -> dict[str, Any]:
-        """Feature gradient x activation, and encoder-parameter gradients of fused and unimodal losses."""
+    def gradients(self, inputs: Mapping[str, Tensor], labels: Tensor,
+                  feats: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Feature gradient x activation, and encoder-parameter gradients of fused and unimodal losses.
+
+        ``feats``: the encoder outputs of these rows from the main pass, when it has them (saves an
+        encoder forward for the gradient x activation, which needs only the head).
+        """
         a = self.adapter
         out: dict[str, Any] = {}
         with torch.enable_grad():
             if "grad_x_act" in self.needs:
-                with torch.no_grad():
-                    _, feats = a.encode(inputs)
+                if feats is None:
+                    with torch.no_grad():
+                        _, feats = a.encode(inputs)
                 leaves = {m: map_tensors(lambda t: t.detach().float().requires_grad_(True), feats[m]) for m in a.modalities}
                 z = a.head_forward(inputs, leaves).float()
                 tensors = [first_tensor(leaves[m]) for m in a.modalities]
@@ -406,17 +412,24 @@ class _Collector:
                             f"The encoder of {m!r} has no trainable parameters (frozen), so parameter "
                             "gradients are undefined."
                         )
-                # one backward of the fused loss for every encoder, then one per unimodal loss: M + 1
                 flat = [p for m in a.modalities for p in per_modality[m]]
                 all_fused = torch.autograd.grad(fused, flat, retain_graph=True, allow_unused=True)
+                only = {m: F.cross_entropy(a.head_forward(inputs, a.masked_features(feats, [m], self.gen)).float(),
+                                           labels) for m in a.modalities}
+                if len({id(p) for p in flat}) == len(flat):
+                    # The m-only loss reaches encoder m alone (every other modality is replaced by a
+                    # constant baseline), so one backward of their sum gives every encoder its own
+                    # unimodal gradient: 2 backwards in all instead of M + 1.
+                    all_only = torch.autograd.grad(sum(only.values()), flat, allow_unused=True)
+                else:  # encoders share parameters: one backward per modality keeps them apart
+                    all_only = tuple(g for m in a.modalities for g in torch.autograd.grad(
+                        only[m], per_modality[m], retain_graph=True, allow_unused=True))
                 start = 0
                 for m in a.modalities:
                     params = per_modality[m]
                     g_f = all_fused[start:start + len(params)]
+                    g_u = all_only[start:start + len(params)]
                     start += len(params)
-                    only = a.head_forward(inputs, a.masked_features(feats, [m], self.gen))
-                    g_u = torch.autograd.grad(F.cross_entropy(only.float(), labels), params,
-                                              retain_graph=True, allow_unused=True)
                     vf = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(g_f, params)])
                     vu = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(g_u, params)])
                     denom = vf.norm() * vu.norm()
@@ -594,7 +607,8 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
             if r.numel() and wanted & {"grad_x_act", "param_grads"}:
                 sub_in, sub_y = _take(inputs, r), labels[r.to(labels.device)]
                 try:
-                    g = col.gradients(sub_in, sub_y)
+                    sub_feats = None if feats is None else {m: _take(feats[m], r) for m in a.modalities}
+                    g = col.gradients(sub_in, sub_y, sub_feats)
                 except (EvidenceError, AdapterError, RuntimeError) as exc:
                     for kind in ("grad_x_act", "param_grads"):
                         if kind in wanted:

@@ -15,7 +15,7 @@ import numpy as np
 
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
-from mmdiag.stats import bootstrap_indices, percentile_interval
+from mmdiag.stats import bootstrap_counts, counts_matmul, percentile_interval
 
 
 # ---------------------------------------------------------------------------------------- shares
@@ -69,9 +69,8 @@ def mean_draws(x: np.ndarray, n_boot: int, seed: int, weights: np.ndarray | None
     xz = np.where(finite, x, 0.0)
     wx = w * xz
     out = []
-    for idx in bootstrap_indices(n, n_boot, seed):
-        num = wx[idx].sum(axis=1)
-        den = w[idx].sum(axis=1)
+    for counts in bootstrap_counts(n, n_boot, seed):
+        num, den = counts_matmul(counts, wx), counts_matmul(counts, w)
         with np.errstate(invalid="ignore", divide="ignore"):
             out.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
     return np.concatenate(out)

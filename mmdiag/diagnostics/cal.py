@@ -135,5 +135,5 @@ class CAL(Diagnostic):
                 "coalition_logprob": {subset_name(s, mods): float(v[s]) for s in range(v.shape[0])},
                 "uniform": 1.0 / len(mods),
             },
-            per_sample={f"I_{m}": per_sample_phi[:, j].tolist() for j, m in enumerate(mods)},
+            per_sample={f"I_{m}": per_sample_phi[:, j].copy() for j, m in enumerate(mods)},
         )

@@ -149,9 +149,9 @@ class Evidential(Diagnostic):
                 "evidence": self.evidence_fn,
             },
             per_sample={
-                **{f"u_{m}": u_all[:, j].tolist() for j, m in enumerate(ev.modalities)},
-                "u_fused": u_fused.tolist(),
-                "conflict": conflict.tolist(),
-                "driver": names[driver].tolist(),
+                **{f"u_{m}": u_all[:, j].copy() for j, m in enumerate(ev.modalities)},
+                "u_fused": u_fused,
+                "conflict": conflict,
+                "driver": names[driver],
             },
         )

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from mmdiag.diagnostics._common import only
-from mmdiag.diagnostics._resample import ci_dict, interval, resample_rows
+from mmdiag.diagnostics._resample import ci_dict, interval
+from mmdiag.stats import bootstrap_indices
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
@@ -118,6 +119,16 @@ class OGM(Diagnostic):
         rho = ratios(batch_scores(conf, int(self.batch_size)))
         return rho.mean(axis=0), (rho > 1.0).mean(axis=0), coefficients(rho, self.alpha).mean(axis=0)
 
+    def _mean_ratio_draws(self, conf: np.ndarray) -> np.ndarray:
+        """[bootstrap, M] mean_t rho^m_t of each resample (rows drawn with replacement, then batched),
+        a chunk of resamples at a time."""
+        starts = np.arange(0, conf.shape[0], int(self.batch_size))
+        out = []
+        for idx in bootstrap_indices(conf.shape[0], self.bootstrap, self.seed):
+            scores = np.add.reduceat(conf[idx], starts, axis=1)  # [chunk, n_batches, M]
+            out.append(ratios(scores).mean(axis=1))
+        return np.concatenate(out, axis=0)
+
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         mods = ev.modalities
         if ev.n_samples == 0:
@@ -130,8 +141,7 @@ class OGM(Diagnostic):
         per_mod_ci: dict[str, list[float]] = {}
         value_ci = None
         if self.bootstrap > 0:
-            rows = resample_rows(ev.n_samples, self.bootstrap, self.seed)
-            draws = np.array([self._stats(conf[row])[0] for row in rows])
+            draws = self._mean_ratio_draws(conf)
             per_mod_ci = ci_dict(mods, interval(draws, self.level))
             value_ci = [float(x) for x in interval(draws.max(axis=1), self.level)[0]]
 
@@ -150,5 +160,5 @@ class OGM(Diagnostic):
                 "dominant": mods[int(np.argmax(mean_rho))] if mean_rho.max() > 1.0 else None,
                 "n_batches": int(n_batches),
             },
-            per_sample={f"confidence_{m}": conf[:, j].tolist() for j, m in enumerate(mods)},
+            per_sample={f"confidence_{m}": conf[:, j].copy() for j, m in enumerate(mods)},
         )

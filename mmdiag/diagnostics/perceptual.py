@@ -107,5 +107,5 @@ class Perceptual(Diagnostic):
             ci=per_mod_ci,
             value_ci=value_ci,
             details=details,
-            per_sample={f"drop_{m}": diff[:, j].tolist() for j, m in enumerate(mods)},
+            per_sample={f"drop_{m}": diff[:, j].copy() for j, m in enumerate(mods)},
         )

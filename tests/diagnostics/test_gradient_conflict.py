@@ -258,3 +258,20 @@ def test_deterministic_json_safe_and_evidence_untouched() -> None:
     assert a.higher_is_better is True
     lo, hi = a.value_ci
     assert lo <= hi
+
+
+def test_encoders_sharing_parameters_keep_their_own_unimodal_gradients() -> None:
+    """The encoders share their first layer (a shared stem): the unimodal gradients cannot be taken
+    from one backward of their sum there, and the cosines still match the per-modality reference."""
+    torch.manual_seed(4)
+    names = ["audio", "visual"]
+    model = ToyNet(names)
+    audio = model.encoders["audio"]
+    model.encoders["visual"] = torch.nn.Sequential(audio[0], audio[1], audio[2], torch.nn.Linear(16, 16))
+    arrays = make_toy(n=24, strength=(2.0, 1.0), modalities=names, seed=6)
+    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(arrays), {"param_grads"},
+                 CollectSettings(device="cpu", batch_size=64, seed=0))
+    cos, norms = _plain_backward_cosines(model, {m: torch.as_tensor(arrays[m]) for m in names},
+                                         torch.as_tensor(arrays["label"]))
+    assert ev.grad_cosine[0].tolist() == pytest.approx(cos, abs=1e-5)
+    assert cos[0] != pytest.approx(cos[1], abs=1e-3)  # the two readouts do differ

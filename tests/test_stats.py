@@ -1,0 +1,72 @@
+"""mmdiag.stats: bootstrap resamples, their counts matrices (and the bounded cache), intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mmdiag import stats
+from mmdiag.diagnostics._shares import mean_draws
+from mmdiag.stats import bootstrap_counts, bootstrap_indices, bootstrap_mean_ci, bootstrap_mean_draws
+
+
+def slow_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """Column means of the gathered rows of every resample, one resample at a time."""
+    return np.array([x[row].mean(axis=0) for idx in bootstrap_indices(len(x), n_boot, seed) for row in idx])
+
+
+@pytest.mark.parametrize("n, n_boot", [(1, 5), (7, 130), (3000, 70)])
+def test_counts_are_the_bincounts_of_the_indices(n: int, n_boot: int) -> None:
+    rows = [row for idx in bootstrap_indices(n, n_boot, 3) for row in idx]
+    with stats.shared_resamples():
+        for _ in range(2):  # computed, then served from the cache
+            counts = np.concatenate(list(bootstrap_counts(n, n_boot, 3)))
+            assert counts.dtype == np.float64 and counts.shape == (n_boot, n)
+            for b in (0, n_boot // 2, n_boot - 1):
+                assert np.array_equal(counts[b], np.bincount(rows[b], minlength=n))
+            assert (counts.sum(axis=1) == n).all()
+        assert (n, n_boot, 3) in stats._COUNTS_CACHE
+    assert not stats._COUNTS_CACHE  # emptied when the block ends
+    list(bootstrap_counts(n, n_boot, 3))
+    assert not stats._COUNTS_CACHE  # nothing is kept outside a block
+
+
+def test_mean_draws_match_the_gathered_means() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(501, 3))
+    np.testing.assert_allclose(bootstrap_mean_draws(x, 200, 5), slow_means(x, 200, 5), atol=1e-12)
+    ci = bootstrap_mean_ci(x, 200, 5, 0.9)
+    np.testing.assert_allclose(ci, np.quantile(slow_means(x, 200, 5), [0.05, 0.95], axis=0).T, atol=1e-12)
+
+
+def test_weighted_mean_draws_drop_non_finite_entries() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 2))
+    x[::7, 1] = np.nan
+    w = rng.uniform(0.5, 2.0, size=60)
+    got = mean_draws(x, 50, 2, w)
+    ref = []
+    for idx in bootstrap_indices(60, 50, 2):
+        for row in idx:
+            cols = []
+            for j in range(2):
+                keep = np.isfinite(x[row, j])
+                cols.append((w[row][keep] * x[row, j][keep]).sum() / w[row][keep].sum())
+            ref.append(cols)
+    np.testing.assert_allclose(got, np.array(ref), atol=1e-12)
+
+
+def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stats, "_COUNTS_CACHE_BYTES", 3000)
+    monkeypatch.setattr(stats, "_sharing", 1)
+    for seed in range(5):
+        list(bootstrap_counts(100, 10, seed))  # 1000 bytes each as uint8
+    assert len(stats._COUNTS_CACHE) == 3 and (100, 10, 4) in stats._COUNTS_CACHE
+    list(bootstrap_counts(1000, 10, 0))  # 10 kB: too large to keep
+    assert (1000, 10, 0) not in stats._COUNTS_CACHE
+    # an abandoned generator caches nothing
+    gen = bootstrap_counts(50, 200, 9)
+    next(gen)
+    gen.close()
+    assert (50, 200, 9) not in stats._COUNTS_CACHE
+    stats._COUNTS_CACHE.clear()
