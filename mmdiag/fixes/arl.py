@@ -6,6 +6,7 @@ back through a modality's encoder output; CAL (:mod:`mmdiag.fixes.cal`) uses it 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmdiag.fixes._common import (check_range, mean_abs_logits, mean_entropy, reduce_mean,
-                                  require_encoders, scale_feature_gradients)
+from mmdiag.fixes._common import (check_range, clip_grad_norm, readout_stats, reduce_mean, require_encoders,
+                                  scale_feature_gradients)
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
 
@@ -26,15 +27,21 @@ def arl_weights(dependence: Mapping[str, float], entropy: Mapping[str, float], t
     ω = softmax_m(T · a_m · (1 − D̂_m)). For two modalities 1 − D̂_a = D̂_v, which is exactly the
     released cross-term form softmax(T·[D̂_v a_a, D̂_a a_v]).
     """
+    # plain float64 arithmetic (M numbers): the same operations as the tensor form, without its overhead
     mods = list(dependence)
-    d = torch.tensor([dependence[m] for m in mods], dtype=torch.float64)
-    h = torch.tensor([entropy[m] for m in mods], dtype=torch.float64)
-    d_hat = d / d.sum() if d.sum() > 0 else torch.full_like(d, 1 / len(mods))
-    h_hat = h / h.sum() if h.sum() > 0 else torch.full_like(h, 1 / len(mods))
-    h_hat = h_hat.clamp(min=min_entropy_share)
-    a = (1 / h_hat) / (1 / h_hat).sum()
-    omega = torch.softmax(temperature * a * (1 - d_hat), dim=0)
-    return {m: float(w) for m, w in zip(mods, omega)}
+    n = len(mods)
+    d = [float(dependence[m]) for m in mods]
+    h = [float(entropy[m]) for m in mods]
+    d_sum, h_sum = sum(d), sum(h)
+    d_hat = [x / d_sum for x in d] if d_sum > 0 else [1 / n] * n
+    h_hat = [max(x / h_sum, min_entropy_share) for x in h] if h_sum > 0 else [max(1 / n, min_entropy_share)] * n
+    inv = [1 / x for x in h_hat]
+    inv_sum = sum(inv)
+    score = [temperature * (x / inv_sum) * (1 - y) for x, y in zip(inv, d_hat)]
+    top = max(score)
+    e = [math.exp(x - top) for x in score]
+    e_sum = sum(e)
+    return {m: x / e_sum for m, x in zip(mods, e)}
 
 
 @register_fix
@@ -65,7 +72,7 @@ class ARL(Fix):
     start = 5, entropy-share clamp 0.3, clip 40.
 
     Cost: 1F + 1B per step, plus M+1 calls of the fusion head (fused logits from the scaled
-    features and the M unimodal readouts).
+    features and the M unimodal readouts); D and H of all readouts reach the host in one transfer.
 
     Under torch.distributed the batch statistics D and H are averaged over the processes, so every
     rank applies the same ω.
@@ -110,10 +117,10 @@ class ARL(Fix):
         assert step.loss is not None
         mods = ctx.modalities
         readouts = {m: step.readout(ctx, [m]) for m in mods}
-        stats = reduce_mean(ctx, torch.tensor([mean_abs_logits(readouts[m]) for m in mods]
-                                              + [mean_entropy(readouts[m]) for m in mods]))
-        dependence = {m: float(stats[j]) for j, m in enumerate(mods)}
-        entropy = {m: float(stats[len(mods) + j]) for j, m in enumerate(mods)}
+        # D_m and H_m of every readout in one pass (one host transfer)
+        stats = reduce_mean(ctx, readout_stats(torch.stack([readouts[m].detach() for m in mods]))).tolist()
+        dependence = {m: stats[j] for j, m in enumerate(mods)}
+        entropy = {m: stats[len(mods) + j] for j, m in enumerate(mods)}
         self._omega = arl_weights(dependence, entropy, self.temperature, self.min_entropy_share)
         self._stats = {**{f"D.{m}": v for m, v in dependence.items()}, **{f"H.{m}": v for m, v in entropy.items()}}
         step.logs.update(self.signals())
@@ -123,7 +130,7 @@ class ARL(Fix):
 
     def after_backward(self, ctx: FixContext, step: Step) -> None:
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(ctx.adapter.model.parameters(), self.clip_norm)
+            clip_grad_norm(ctx.adapter.model.parameters(), self.clip_norm)
 
     def on_epoch_end(self, ctx: FixContext, epoch: int) -> dict[str, float]:
         return {**self.signals(), **self._stats}

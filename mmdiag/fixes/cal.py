@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-from mmdiag.fixes._common import check_range, reduce_mean, require_encoders, scale_feature_gradients
+from mmdiag.fixes._common import (check_range, clip_grad_norm, reduce_mean, require_encoders,
+                                  scale_feature_gradients)
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
 
@@ -50,9 +51,13 @@ class GaussianBottleneck(LazyModuleMixin, nn.Module):
                 self.lv_bias.fill_(self.init_logvar)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        x = h.movedim(1, -1)
-        mu = F.linear(x, self.mu_weight, self.mu_bias).movedim(-1, 1)
-        raw = F.linear(x, self.lv_weight, self.lv_bias).movedim(-1, 1)
+        if h.dim() == 2:  # [B, d]: the channel axis is already last (movedim would be the identity)
+            mu = F.linear(h, self.mu_weight, self.mu_bias)
+            raw = F.linear(h, self.lv_weight, self.lv_bias)
+        else:
+            x = h.movedim(1, -1)
+            mu = F.linear(x, self.mu_weight, self.mu_bias).movedim(-1, 1)
+            raw = F.linear(x, self.lv_weight, self.lv_bias).movedim(-1, 1)
         # Soft bound: the feature scale of a generic encoder drifts during training, and an
         # unbounded linear log σ² overflows exp() (seen on the toy under SGD).
         logvar = self.logvar_bound * torch.tanh(raw / self.logvar_bound)
@@ -102,9 +107,12 @@ def cal_weights(info: Mapping[str, float], confidence: Mapping[str, float], tau:
     d_hat = {m: (confidence[m] / total if total > 0 else 1.0 / len(mods)) for m in mods}
     if potential is not None:
         d_hat = {m: 0.5 * (d_hat[m] + potential[m]) for m in mods}
-    score = torch.tensor([lam * i_hat[m] + (1 - lam) * d_hat[m] for m in mods], dtype=torch.float64)
-    w = torch.softmax(tau * score, dim=0)
-    return {m: float(x) for m, x in zip(mods, w)}
+    # softmax in plain float64 arithmetic (M numbers): the tensor form's operations without its overhead
+    score = [tau * (lam * i_hat[m] + (1 - lam) * d_hat[m]) for m in mods]
+    top = max(score)
+    e = [math.exp(x - top) for x in score]
+    total_e = sum(e)
+    return {m: x / total_e for m, x in zip(mods, e)}
 
 
 @register_fix
@@ -117,8 +125,10 @@ class CAL(Fix):
 
     * Information quantity I(m): exact Shapley value of modality m with v(S) = mean true-class
       log-probability of the model's fusion head when only the modalities in S are present
-      (the others masked at the encoder output, R2): 2^M head calls on the batch's features,
-      without gradient. Î(m) = max(φ_m, 0)/Σ_k max(φ_k, 0) (uniform if all ≤ 0).
+      (the others masked at the encoder output, R2), without gradient, on the batch's features:
+      v(all) is read from the step's fused logits and v({m}) from the unimodal readout z_m (the
+      same head call on the same features), so only the other 2^M − M − 1 subsets cost a head
+      call (one, the empty set, for M = 2). Î(m) = max(φ_m, 0)/Σ_k max(φ_k, 0) (uniform if all ≤ 0).
     * Confidence D(m): batch mean of the unimodal readout's true-class probability p_m(y|x);
       D̂ = D/Σ D. Dynamic potential P(m): EMA (``potential_momentum`` = 0.9) of the per-epoch decrease
       of each modality's mean unimodal loss, normalised as a positive share; once one decrease is
@@ -147,8 +157,9 @@ class CAL(Fix):
 
     Defaults: τ = 4, λ = 0.5, γ = 4 (ARL's range 3–5), warm-up 5 epochs, β0 = 1e-3, clip 40.
 
-    Cost: 1F + 1B per step, plus 2^M (no grad) + M + 2 head calls (fused from scaled features,
-    M unimodal readouts, the bottleneck branch). Signals: ``W.<m>``.
+    Cost: 1F + 1B per step, plus 2^M − M − 1 head calls without gradient (the coalitions not
+    already computed) and M + 2 with gradient (fused from scaled features, M unimodal readouts, the
+    bottleneck branch); the batch statistics reach the host in one transfer. Signals: ``W.<m>``.
 
     Under torch.distributed the coalition values, confidences and unimodal losses are averaged over
     the processes before W is formed, so every rank applies the same weights.
@@ -215,14 +226,12 @@ class CAL(Fix):
         y = step.labels
         readouts = {m: step.readout(ctx, [m]) for m in mods}
         uni_losses = {m: F.cross_entropy(z, y) for m, z in readouts.items()}
-        values = self._coalition_values(ctx, step)
-        subsets = list(values)
+        subsets, values = self._coalition_values(ctx, step, readouts)
         with torch.no_grad():
-            local = torch.tensor(
-                [values[s] for s in subsets]
-                + [F.softmax(readouts[m].detach().float(), dim=1).gather(1, y[:, None]).mean().item() for m in mods]
-                + [uni_losses[m].item() for m in mods]
-            )
+            # confidences p_m(y|x) and unimodal losses of every readout in one pass (one host transfer)
+            z = torch.stack([readouts[m].detach() for m in mods]).float()
+            confidence_t = F.softmax(z, dim=2).gather(2, y.reshape(1, -1, 1).expand(len(mods), -1, 1)).mean(dim=(1, 2))
+            local = torch.cat([values, confidence_t, torch.stack([uni_losses[m].detach() for m in mods]).float()])
         stats = reduce_mean(ctx, local).tolist()
         n = len(subsets)
         info = shapley_values({s: stats[j] for j, s in enumerate(subsets)}, mods)
@@ -251,16 +260,31 @@ class CAL(Fix):
 
     # ------------------------------------------------------------------ parts
     @torch.no_grad()
-    def _coalition_values(self, ctx: FixContext, step: Step) -> dict[frozenset, float]:
-        """v(S) = mean true-class log-probability with only S present, for every subset S (2^M head calls)."""
+    def _coalition_values(self, ctx: FixContext, step: Step,
+                          readouts: Mapping[str, Tensor]) -> tuple[list[frozenset], Tensor]:
+        """v(S) = mean true-class log-probability with only S present, for every subset S: the subsets
+        (by size, then in modality order) and a float32 tensor of their values.
+
+        The full coalition is the step's fused logits and each singleton {m} is the unimodal readout
+        z_m: the same head call on the same features, already made, so only the other 2^M − M − 1
+        subsets (the empty one for M = 2) cost a head call.
+        """
         mods = ctx.modalities
         feats = {m: f for m, f in step.features.items()}  # type: ignore[union-attr]
-        values: dict[frozenset, float] = {}
+        known = {frozenset(mods): step.logits, **{frozenset([m]): readouts[m] for m in mods}}
+        subsets: list[frozenset] = []
+        logits: list[Tensor] = []
         for r in range(len(mods) + 1):
             for s in itertools.combinations(mods, r):
-                z = ctx.adapter.head_forward(step.inputs, ctx.adapter.masked_features(feats, list(s)))
-                values[frozenset(s)] = F.log_softmax(z.float(), dim=1).gather(1, step.labels[:, None]).mean().item()
-        return values
+                key = frozenset(s)
+                subsets.append(key)
+                z = known.get(key)
+                if z is None:
+                    z = ctx.adapter.head_forward(step.inputs, ctx.adapter.masked_features(feats, list(s)))
+                logits.append(z.detach())
+        z = torch.stack(logits).float()
+        y = step.labels.reshape(1, -1, 1).expand(len(logits), -1, 1)
+        return subsets, F.log_softmax(z, dim=2).gather(2, y).mean(dim=(1, 2))
 
     def _bottleneck(self, ctx: FixContext, step: Step) -> Tensor | float:
         if self.aib_weight <= 0 and self.beta0 <= 0:
@@ -282,8 +306,7 @@ class CAL(Fix):
 
     def after_backward(self, ctx: FixContext, step: Step) -> None:
         if self.clip_norm is not None:
-            params = [*ctx.adapter.model.parameters(), *ctx.aux.parameters()]
-            torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+            clip_grad_norm(itertools.chain(ctx.adapter.model.parameters(), ctx.aux.parameters()), self.clip_norm)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

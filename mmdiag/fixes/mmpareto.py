@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmdiag.adapter import map_tensors
 from mmdiag.fixes._common import check_range, reduce_mean, require_encoders
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
@@ -38,6 +40,38 @@ def _unflat(flat: Tensor, params: Sequence[nn.Parameter]) -> list[Tensor]:
     return out
 
 
+def _cut(feature: Any, pairs: list[tuple[Tensor, Tensor]]) -> Any:
+    """``feature`` with every tensor that carries gradient replaced by a detached leaf requiring grad;
+    appends (original, leaf) to ``pairs`` (nested outputs supported)."""
+
+    def leaf(t: Tensor) -> Tensor:
+        if not (t.requires_grad and t.is_floating_point()):
+            return t
+        d = t.detach().requires_grad_()
+        pairs.append((t, d))
+        return d
+
+    return map_tensors(leaf, feature)
+
+
+def _min_norm_from_gram(aa: float, bb: float, ab: float) -> float:
+    """:func:`min_norm_weight` from a·a, b·b and a·b: clip((b·b − a·b) / (a·a − 2a·b + b·b), 0, 1).
+
+    Used when a·b ≤ 0 (conflict), where every term is non-negative: no cancellation.
+    """
+    denom = aa - 2.0 * ab + bb
+    if denom <= 0.0:
+        return 0.5
+    return min(1.0, max(0.0, (bb - ab) / denom))
+
+
+def _cosine_from_gram(aa: float, bb: float, ab: float) -> float:
+    """cos(a, b) from a·a, b·b and a·b (0 when either vector is zero)."""
+    if aa <= 0.0 or bb <= 0.0:
+        return 0.0
+    return ab / (math.sqrt(aa) * math.sqrt(bb))
+
+
 def cosine(a: Tensor, b: Tensor) -> float:
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
@@ -64,19 +98,29 @@ class MMPareto(Fix):
         * Every other parameter (fusion head, non-encoder layers) keeps the summed-loss gradient:
           the returned loss is CE(z) + Σ_m CE(z_m).
 
-    Implementation: ``loss`` takes the gradients with ``torch.autograd.grad(..., retain_graph=True)``
-    (one call for the fused loss over all encoders, one per unimodal loss), the loop back-propagates
-    the summed loss, and ``after_backward`` replaces the encoder gradients.
+    Implementation (two backward passes through each encoder, the minimum for two distinct
+    gradients): the unimodal readouts read each encoder output h_m through a detached leaf, so
+    ``loss`` takes g_u = J_mᵀ ∂CE(z_m)/∂h_m with one head-only ``torch.autograd.grad`` (all M
+    readouts) and one ``autograd.grad`` through encoder m (graph retained). The loop's backward of
+    the summed loss then gives the head (and any non-encoder layer) the summed-loss gradient, while
+    the unimodal paths stop at the leaves: it leaves exactly g_mm in the encoders' ``.grad`` (so the
+    loop must zero the gradients before it, as the hook contract says). ``after_backward`` measures
+    the cosines, solves the MGDA weights, takes n0 = ‖g_mm + g_u‖ per parameter (the summed loss's
+    gradient, by linearity: each unimodal loss reaches only its own encoder) and writes the
+    combined gradients, all encoders at once with ``torch._foreach`` ops. The signals and
+    ``step.logs`` are therefore updated in ``after_backward``.
 
     Defaults: γ = 1.5 (hard-coded in MMPareto). Under adaptive optimizers (Adam) a constant γ is
     nearly neutral; MMPareto's setting is SGD (lr 0.002).
 
-    Cost: 1F + (M+2)B per step (M+1 backward calls with a retained graph, then the summed loss),
-    M head calls, and a tiny MGDA solve per encoder. Memory: two gradient copies per encoder.
+    Cost: 1F + 2B per step through the encoders (the unimodal pass in ``loss`` with a retained
+    graph, and the loop's backward; methods.md §7(e) counts M + 2 backward calls, which the
+    linearity above reduces to two passes), M head calls for the readouts, one head-only backward,
+    and a tiny MGDA solve per encoder. Memory: one gradient copy per encoder plus the retained graph.
 
-    Under torch.distributed both gradients are averaged over the processes (two all-reduces per
-    encoder) before the cosine and the combination, matching the averaged gradient of the summed
-    loss that data parallelism leaves in ``.grad``.
+    Under torch.distributed both gradients are averaged over the processes (the unimodal one in
+    ``loss``; the fused one is already averaged by DDP in ``.grad`` and averaging it again in
+    ``after_backward`` is idempotent) before the cosine and the combination.
 
     Source: GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py``, ``code/min_norm_solvers.py``.
     BalanceMM's copy overwrites its modality loop variable with the solver output (methods.md §20);
@@ -91,8 +135,9 @@ class MMPareto(Fix):
     gamma: float = 1.5
     _cos: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
     _k: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False, compare=False)
-    _pending: dict[str, tuple[list[Tensor], list[Tensor]]] = field(default_factory=dict, init=False, repr=False,
-                                                                   compare=False)
+    #: per modality: its encoder's parameters and g_u, from ``loss`` to ``after_backward``
+    _pending: dict[str, tuple[list[nn.Parameter], list[Tensor]]] = field(default_factory=dict, init=False,
+                                                                          repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_range(self.name, "gamma", self.gamma, 0, low_open=True)
@@ -105,42 +150,86 @@ class MMPareto(Fix):
         if step.features is None:
             require_encoders(ctx, self.name)
         mods = ctx.modalities
-        params = {m: ctx.encoder_parameters(m) for m in mods}
-        uni = {m: F.cross_entropy(step.readout(ctx, [m]), step.labels) for m in mods}
-        flat_params = [p for m in mods for p in params[m]]
-        g_all = torch.autograd.grad(step.loss, flat_params, retain_graph=True, allow_unused=True)
+        feats = step.features
+        assert feats is not None
+        # The unimodal readouts read each encoder output through a detached leaf: the loop's backward
+        # of the summed loss then brings the unimodal gradients to the head but stops at the leaves,
+        # so it leaves exactly g_mm (the fused loss's gradient) on the encoder parameters.
+        pairs: dict[str, list[tuple[Tensor, Tensor]]] = {m: [] for m in mods}
+        cut = {m: _cut(feats[m], pairs[m]) for m in mods}
+        uni = {m: F.cross_entropy(step.readout(ctx, [m], cut), step.labels) for m in mods}
+        leaves = [leaf for m in mods for _, leaf in pairs[m]]
+        # ∂L_m/∂h_m for every m in one head-only backward (L_k, k ≠ m, does not read h_m: it is masked)
+        d_h = torch.autograd.grad(list(uni.values()), leaves, retain_graph=True, allow_unused=True) if leaves else ()
         self._pending = {}
         offset = 0
         for m in mods:
-            ps = params[m]
-            g_mm = [g if g is not None else torch.zeros_like(p) for g, p in zip(g_all[offset:offset + len(ps)], ps)]
-            offset += len(ps)
-            g_u = torch.autograd.grad(uni[m], ps, retain_graph=True, allow_unused=True)
-            g_u = [g if g is not None else torch.zeros_like(p) for g, p in zip(g_u, ps)]
-            if ctx.world_size > 1:
-                # the data-parallel gradients of each loss, as the summed backward will see them
-                g_mm = _unflat(reduce_mean(ctx, _flat(g_mm, ps)).to(ps[0].dtype), ps) if ps else g_mm
-                g_u = _unflat(reduce_mean(ctx, _flat(g_u, ps)).to(ps[0].dtype), ps) if ps else g_u
-            a, b = _flat(g_mm, ps), _flat(g_u, ps)
-            c = cosine(a, b)
-            k0 = 0.5 if c > 0 else min_norm_weight(a, b)
-            self._cos[m] = c
-            self._k[m] = [k0, 1.0 - k0]
-            self._pending[m] = ([g.detach() for g in g_mm], [g.detach() for g in g_u])
-        step.logs.update(self.signals())
+            ps = ctx.encoder_parameters(m)
+            outs = [(h, g) for (h, _), g in zip(pairs[m], d_h[offset:offset + len(pairs[m])]) if g is not None]
+            offset += len(pairs[m])
+            g_u: Sequence[Tensor | None] = [None] * len(ps)
+            if ps and outs:
+                # g_u = J_m^T ∂L_m/∂h_m: one backward through encoder m only
+                g_u = torch.autograd.grad([h for h, _ in outs], ps, [g for _, g in outs], retain_graph=True,
+                                          allow_unused=True)
+            g_u = [g.detach() if g is not None else torch.zeros_like(p) for g, p in zip(g_u, ps)]
+            if ctx.world_size > 1 and ps:
+                # the data-parallel gradient of the unimodal loss
+                g_u = _unflat(reduce_mean(ctx, _flat(g_u, ps)).to(ps[0].dtype), ps)
+            self._pending[m] = (ps, g_u)
         return step.loss + sum(uni.values())
 
     def after_backward(self, ctx: FixContext, step: Step) -> None:
-        for m, (g_mm, g_u) in self._pending.items():
-            k0, k1 = self._k[m]
-            for p, a, b in zip(ctx.encoder_parameters(m), g_mm, g_u):
-                new = 2.0 * (k0 * a + k1 * b)
-                if p.grad is not None:
-                    n0, n_new = p.grad.norm(), new.norm()
-                    if n_new > 0 and n0 / n_new > 1:
-                        new = new * (n0 / n_new)
-                p.grad = self.gamma * new
-        self._pending = {}
+        pending, self._pending = self._pending, {}
+        # parameters, g_mm and g_u of the encoders whose gradients agree (cos > 0), and per
+        # conflicting encoder the same with its MGDA weight k0
+        agree_p: list[nn.Parameter] = []
+        agree_mm: list[Tensor] = []
+        agree_u: list[Tensor] = []
+        conflict: list[tuple[list[nn.Parameter], list[Tensor], list[Tensor], float]] = []
+        for m, (ps, g_u) in pending.items():
+            if not ps:
+                self._cos[m], self._k[m] = 0.0, [0.5, 0.5]
+                continue
+            # the backward of the summed loss left g_mm in .grad (the unimodal paths stop at the leaves)
+            g_mm = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ps]
+            if ctx.world_size > 1:
+                # DDP already averaged .grad; averaging again is idempotent and covers manual loops
+                g_mm = _unflat(reduce_mean(ctx, _flat(g_mm, ps)).to(ps[0].dtype), ps)
+            # Gram matrix of (g_mm, g_u) over θ_m in float64: one product gives a·a, a·b, b·b
+            ab = torch.cat([g.reshape(-1) for g in (*g_mm, *g_u)]).view(2, -1).double()
+            (aa, a_b), (_, bb) = (ab @ ab.T).tolist()
+            c = _cosine_from_gram(aa, bb, a_b)
+            k0 = 0.5 if c > 0 else _min_norm_from_gram(aa, bb, a_b)
+            self._cos[m] = c
+            self._k[m] = [k0, 1.0 - k0]
+            if c > 0:
+                agree_p += ps
+                agree_mm += g_mm
+                agree_u += g_u
+            else:
+                conflict.append((ps, g_mm, list(g_u), k0))
+        if agree_p:
+            # k0 = k1 = 0.5: g~ = 2(0.5 g_mm + 0.5 g_u) = g_mm + g_u exactly (halving and doubling are
+            # exact), which is the summed loss's gradient itself, so n0/|g~| = 1 and no rescaling
+            new = torch._foreach_add(agree_mm, agree_u)
+            torch._foreach_mul_(new, self.gamma)
+            for p, g in zip(agree_p, new):
+                p.grad = g
+        for ps, g_mm, g_u, k0 in conflict:
+            # per parameter: g~ = 2 (k0 g_mm + k1 g_u) (the doubling is exact); n0 = |g_mm + g_u| (the
+            # summed loss's gradient); g~ <- (n0/|g~|) g~ when n0/|g~| > 1; final gradient gamma g~
+            new = torch._foreach_add(torch._foreach_mul(g_mm, 2.0 * k0), torch._foreach_mul(g_u, 2.0 * (1.0 - k0)))
+            n0 = torch.stack(torch._foreach_norm(torch._foreach_add(g_mm, g_u)))
+            n_new = torch.stack(torch._foreach_norm(new))
+            ratio = n0 / n_new
+            for g, grow, r in zip(new, ((n_new > 0) & (ratio > 1)).tolist(), ratio.tolist()):
+                if grow:
+                    g.mul_(r)
+            torch._foreach_mul_(new, self.gamma)
+            for p, g in zip(ps, new):
+                p.grad = g
+        step.logs.update(self.signals())
 
     def on_epoch_end(self, ctx: FixContext, epoch: int) -> dict[str, float]:
         return {**self.signals(), **{f"k_fused.{m}": k[0] for m, k in self._k.items()}}

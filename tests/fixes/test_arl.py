@@ -12,7 +12,8 @@ from fixes._loop import (SEEDS, check_hooks_fire, check_teardown, direction, mak
                          plain_accuracy, roundtrip, train)
 from mmdiag.errors import ConfigError
 from mmdiag.fixes import FIXES
-from mmdiag.fixes._common import GradScale, grad_scale, scale_feature_gradients
+from mmdiag.fixes._common import (GradScale, clip_grad_norm, grad_scale, mean_abs_logits, mean_entropy,
+                                  readout_stats, scale_feature_gradients)
 from mmdiag.fixes.arl import ARL, arl_weights
 from mmdiag.fixes.base import FixContext
 
@@ -61,6 +62,32 @@ def test_grad_scale_multiplies_the_gradient_exactly():
     assert torch.equal(y, x)
     no_grad = torch.randn(2)
     assert grad_scale(no_grad, 3.0) is no_grad
+
+
+def test_readout_stats_match_the_per_readout_statistics():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 50, 4, generator=g) * 3
+    got = readout_stats(z).tolist()
+    for j in range(3):
+        assert got[j] == pytest.approx(mean_abs_logits(z[j]), rel=1e-6)
+        assert got[3 + j] == pytest.approx(mean_entropy(z[j]), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3, float("inf"), float("nan")])
+def test_clip_grad_norm_is_torch_clip_grad_norm(scale):
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.nn.Parameter(torch.randn(4, 3, generator=g)) for _ in range(3)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for p, q in zip(ps, qs):
+        p.grad = torch.randn(4, 3, generator=g) * 20
+        p.grad[0, 0] *= scale
+        q.grad = p.grad.clone()
+    ps[1].grad = qs[1].grad = None
+    torch.nn.utils.clip_grad_norm_(ps, 40.0)
+    clip_grad_norm(qs, 40.0)
+    for p, q in zip(ps, qs):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad.nan_to_num(), q.grad.nan_to_num())
+    clip_grad_norm([torch.nn.Parameter(torch.ones(2))], 1.0)  # no gradient at all: a no-op
 
 
 def test_omega_by_hand():

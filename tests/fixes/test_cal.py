@@ -106,6 +106,25 @@ def test_w_from_the_batch_by_hand():
         fix.teardown(run.ctx)
 
 
+@pytest.mark.parametrize("fusion,strength", [("concat", (3.0, 0.8)), ("gated", (3.0, 0.8)), ("concat", (3.0, 0.8, 0.8))])
+def test_coalition_values_reuse_equals_one_head_call_per_subset(fusion, strength):
+    """v(all) and v({m}) come from the fused logits and the readouts; every v(S) must equal its own head call."""
+    fix = CAL(warmup=0)
+    run, step = one_step(fix, strength=strength, fusion=fusion)
+    try:
+        ad, y = run.adapter, step.labels
+        mods = ad.modalities
+        with torch.no_grad():
+            readouts = {m: step.readout(run.ctx, [m]) for m in mods}
+            subsets, values = fix._coalition_values(run.ctx, step, readouts)
+            assert subsets == [frozenset(s) for r in range(len(mods) + 1) for s in itertools.combinations(mods, r)]
+            for s, v in zip(subsets, values.tolist()):
+                z = ad.head_forward(step.inputs, ad.masked_features(step.features, list(s)))
+                assert v == pytest.approx(F.log_softmax(z, 1)[torch.arange(len(y)), y].mean().item(), abs=1e-6)
+    finally:
+        fix.teardown(run.ctx)
+
+
 def test_acceleration_uses_one_plus_w():
     h = {"audio": torch.randn(4, 3, requires_grad=True), "visual": torch.randn(4, 3, requires_grad=True)}
     w = {"audio": 0.7, "visual": 0.3}

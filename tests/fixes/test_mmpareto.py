@@ -81,7 +81,7 @@ def check_gradients(fix, run, step):
         logits, feats = ad.encode(step.inputs)
         fused = F.cross_entropy(logits, y)
         uni = {m: F.cross_entropy(ad.head_forward(step.inputs, ad.masked_features(feats, [m])), y) for m in feats}
-        want = {}
+        want, cos = {}, {}
         for m in ("audio", "visual"):
             ps = run.ctx.encoder_parameters(m)
             g_mm = torch.autograd.grad(fused, ps, retain_graph=True)
@@ -90,7 +90,7 @@ def check_gradients(fix, run, step):
             a = torch.cat([g.flatten() for g in g_mm])
             b = torch.cat([g.flatten() for g in g_u])
             c = torch.dot(a, b) / (a.norm() * b.norm())
-            assert fix.signals()[f"cos.{m}"] == pytest.approx(c.item(), abs=1e-5)
+            cos[m] = c.item()
             k0 = 0.5 if c > 0 else min_norm_weight(a, b)
             out = []
             for ga, gb, gs in zip(g_mm, g_u, g_sum):
@@ -100,7 +100,12 @@ def check_gradients(fix, run, step):
                 out.append(1.5 * new)
             want[m] = out
         head_before = run.model.head.weight.grad.clone()
+        g_head = torch.autograd.grad(fused + sum(uni.values()), run.model.head.weight, retain_graph=True)[0]
+        torch.testing.assert_close(head_before, g_head, rtol=1e-5, atol=1e-7)
         fix.after_backward(run.ctx, step)
+        # the cosines are measured in after_backward, on the fused gradient the backward left in .grad
+        assert fix.signals() == pytest.approx({f"cos.{m}": c for m, c in cos.items()}, abs=1e-5)
+        assert step.logs == fix.signals()
         for m in want:
             for p, w in zip(run.ctx.encoder_parameters(m), want[m]):
                 torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)
