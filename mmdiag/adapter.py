@@ -361,18 +361,26 @@ class ModelAdapter:
         root = unwrap(self.model)
         stubs: dict[str, _Stub] = {}
         originals: list[tuple[nn.Module, str, nn.Module]] = []
+        # Stubs are pooled and reused: building an nn.Module costs about as much as a small fusion
+        # head's forward, and training fixes call the head several times a step. A pool (not one
+        # stub per modality) keeps nested calls apart.
+        pool = self.__dict__.setdefault("_stub_pool", [])
         try:
             for m, value in replacements.items():
                 path = self.encoders[m]  # type: ignore[index]
                 parent_path, _, child = path.rpartition(".")
                 parent = self._module(parent_path) if parent_path else root
                 originals.append((parent, child, parent._modules[child]))
-                stubs[m] = _Stub(value)
+                stubs[m] = pool.pop() if pool else _Stub(None)
+                stubs[m].value, stubs[m].calls = value, 0
                 parent._modules[child] = stubs[m]
             yield stubs
         finally:
             for parent, child, module in reversed(originals):
                 parent._modules[child] = module
+            for stub in stubs.values():
+                stub.value = None  # hold no features (or their graph) between calls
+                pool.append(stub)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[dict[str, Any]]:
