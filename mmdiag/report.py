@@ -168,7 +168,7 @@ class Report:
                 failures=[Failure(**f) for f in data.get("failures", [])],
                 verdict=Verdict(**data["verdict"]),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # int(inf): Overflow
             raise EvidenceError(f"Not an mmdiag report: missing or malformed field ({exc}).") from None
 
     def to_json(self, indent: int = 2) -> str:

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from mmdiag.cli import config as cfg
 from mmdiag.errors import MmdiagError
@@ -114,6 +114,8 @@ REQUIRED = {"schema_version": 1, "modalities": ["a", "b"], "n_samples": 2, "accu
 
 @FUZZ
 @given(st.dictionaries(st.sampled_from(sorted(REQUIRED) + ["failures", "settings"]), values, max_size=4))
+@example({"n_samples": float("inf")})  # int(inf) raises OverflowError, found by this test once
+@example({"schema_version": float("-inf")})
 def test_malformed_report_documents_raise_mmdiag_errors(overrides):
     doc = {**REQUIRED, **overrides}
     try:
