@@ -45,6 +45,7 @@ from mmdiag.evidence import (
     members,
     merge_evidence,
 )
+from mmdiag.stats import true_class_margin
 
 #: progress(stage, done, total) is called as batches finish; total may be None.
 ProgressFn = Callable[[str, int, "int | None"], None]
@@ -394,7 +395,7 @@ class _Collector:
                 # Two first-order targets, both head-only backwards on the cached features: the
                 # centred true-class logit margin z_y - mean_k z_k (mdi's default: it does not vanish
                 # on confidently correct samples) and the fused cross-entropy (the literal proposal).
-                margin = (z.gather(1, labels[:, None])[:, 0] - z.mean(1)).sum()
+                margin = true_class_margin(z, labels).sum()
                 loss = F.cross_entropy(z, labels, reduction="sum")
                 for key, target in (("grad_x_act", margin), ("grad_x_loss", loss)):
                     grads = torch.autograd.grad(target, tensors, allow_unused=True, retain_graph=key == "grad_x_act")

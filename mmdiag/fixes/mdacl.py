@@ -29,6 +29,7 @@ from mmdiag.adapter import first_tensor, pool
 from mmdiag.errors import ConfigError
 from mmdiag.fixes._common import check_range, grad_scale, reduce_mean, require_encoders
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
+from mmdiag.stats import true_class_margin
 
 
 def grad_reverse(x: Tensor, coeff: float) -> Tensor:
@@ -71,8 +72,7 @@ def contribution_target(logits: Tensor, labels: Tensor, target: str = "margin") 
     (the literal proposal; its gradient fades on easy samples and is heavy-tailed).
     """
     if target == "margin":
-        z = logits.float()
-        return (z.gather(1, labels[:, None])[:, 0] - z.mean(dim=1)).sum()
+        return true_class_margin(logits.float(), labels).sum()
     return F.cross_entropy(logits.float(), labels)
 
 
