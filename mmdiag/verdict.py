@@ -11,6 +11,8 @@ modalities are those whose interval lies below d's and whose share is below the 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -67,6 +69,15 @@ def _separated(res: Result, hi: str, lo: str) -> bool:
     return a[0] > b[1]
 
 
+def _below_zero(res: Result, m: str) -> bool:
+    """Whether modality m's value is negative, and its interval too when it has one: per-batch
+    gradient cosines are noisy, so a mean below 0 whose interval reaches above 0 is no conflict."""
+    value, ci = res.per_modality.get(m), res.ci.get(m)
+    if value is None or value >= 0:
+        return False
+    return not ci or ci[1] is None or not math.isfinite(ci[1]) or ci[1] < 0
+
+
 def recommend_fix(results: Mapping[str, Result], dominant: str, underused: Sequence[str],
                   t: VerdictThresholds) -> tuple[str, list[str]]:
     """The fix that matches the diagnosis (methods.md §19) and the reasons for it."""
@@ -101,9 +112,12 @@ def recommend_fix(results: Mapping[str, Result], dominant: str, underused: Seque
                 reasons.append(f"probe vs unimodal: {m}'s features hold {p:.2f} accuracy but the model uses {u:.2f}")
                 return "arl", reasons
     conflict = results.get("gradient_conflict")
-    if conflict is not None and any((conflict.per_modality.get(m) or 0.0) < 0 for m in underused):
-        reasons.append("gradient_conflict: fused and unimodal gradients conflict on an under-used encoder")
-        return "mmpareto", reasons
+    if conflict is not None:
+        conflicted = [m for m in underused if _below_zero(conflict, m)]
+        if conflicted:
+            reasons.append(f"gradient_conflict: fused and unimodal gradients conflict on the encoder of "
+                           f"{', '.join(conflicted)} (cosine interval below 0)")
+            return "mmpareto", reasons
     reasons.append(f"{dominant} dominates the fused head's learning signal; gradient modulation slows it")
     return "ogm_ge", reasons
 

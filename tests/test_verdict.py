@@ -46,6 +46,14 @@ def test_fix_table():
     assert judge({**base, "udml": udml}, MODS).recommended_fix == "udml"
     conflict = res("gradient_conflict", {"audio": 0.5, "visual": -0.3})
     assert judge({**base, "gradient_conflict": conflict}, MODS).recommended_fix == "mmpareto"
+    # a negative mean whose interval reaches above 0 is batch noise, not a conflict
+    noisy = Result("gradient_conflict", -0.3, {"audio": 0.5, "visual": -0.3},
+                   ci={"audio": [0.3, 0.7], "visual": [-0.6, 0.2]})
+    assert judge({**base, "gradient_conflict": noisy}, MODS).recommended_fix == "ogm_ge"
+    clear = Result("gradient_conflict", -0.3, {"audio": 0.5, "visual": -0.3},
+                   ci={"audio": [0.3, 0.7], "visual": [-0.5, -0.1]})
+    v = judge({**base, "gradient_conflict": clear}, MODS)
+    assert v.recommended_fix == "mmpareto" and any("interval below 0" in r for r in v.reasons)
 
 
 def test_disagreeing_measures_are_reported():
