@@ -122,6 +122,10 @@ class Attribution(Diagnostic):
             details["signed_share"] = {m: float(signed_means[j]) for j, m in enumerate(mods)}
             details["signed_share_ci"] = keyed(mods, interval(signed_draws, self.level))
             details["mean_signed"] = {m: float(v) for m, v in zip(mods, signed.mean(axis=0).tolist())}
+            if not (signed.mean(axis=0) > 0).any():
+                details["signed_note"] = (
+                    "no modality raises the true-class logit above its value at the baseline on average, "
+                    "so the signed shares are undefined and shown as uniform; do not read them as balance")
         details.update(_convergence(ev))
         details["rankings"] = _rankings(values, ci, mods, prior or {})
         return self.result(

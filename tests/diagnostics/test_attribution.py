@@ -172,6 +172,10 @@ def test_signed_share_matches_reference_and_becomes_the_value_when_asked() -> No
     hand = hand_evidence(np.ones((4, 2)))
     hand.attribution_signed = torch.tensor([[2.0, -1.0], [1.0, -0.5], [3.0, 0.5], [2.0, -1.0]])
     assert ATTR(bootstrap=10, share="signed").compute(hand).per_modality == {"audio": 1.0, "visual": 0.0}
+    assert "signed_note" not in ATTR(bootstrap=0).compute(hand).details
+    hand.attribution_signed = -hand.attribution_signed.abs()
+    res = ATTR(bootstrap=0, share="signed").compute(hand)
+    assert res.per_modality == {"audio": 0.5, "visual": 0.5} and "undefined" in res.details["signed_note"]
     hand.attribution_signed = None
     with pytest.raises(EvidenceError, match="signed"):
         ATTR(share="signed").compute(hand)
