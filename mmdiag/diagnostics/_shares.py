@@ -33,6 +33,15 @@ def positive_share_rows(contrib: np.ndarray) -> np.ndarray:
     return q
 
 
+def sum_share_rows(values: np.ndarray) -> np.ndarray:
+    """Row-wise q_m = v_m / sum_k v_k of non-negative ``values`` [..., M]; uniform where the sum is 0."""
+    v = np.asarray(values, dtype=np.float64)
+    total = v.sum(axis=-1, keepdims=True)
+    uniform = np.full_like(v, 1.0 / v.shape[-1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, v / np.where(total > 0, total, 1.0), uniform)
+
+
 def entropy_rows(shares: np.ndarray) -> np.ndarray:
     """Row-wise normalised entropy -sum q log q / log M of shares [..., M] (0 log 0 = 0)."""
     q = np.asarray(shares, dtype=np.float64)

@@ -9,26 +9,12 @@ import numpy as np
 
 from mmdiag.diagnostics._common import only, shapley_per_sample, spread, subset_logprob
 from mmdiag.diagnostics._resample import bootstrap_mean_draws, ci_dict, interval
+from mmdiag.diagnostics._shares import positive_share_rows, sum_share_rows
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import ConfigError
 from mmdiag.evidence import Evidence, subset_name
 from mmdiag.report import Result
 from mmdiag.stats import shapley_matrix
-
-
-def positive_share_rows(phi: np.ndarray) -> np.ndarray:
-    """max(phi, 0) / sum max(phi, 0) over the last axis; uniform where nothing is positive."""
-    pos = np.clip(phi, 0.0, None)
-    total = pos.sum(axis=-1, keepdims=True)
-    uniform = np.full_like(pos, 1.0 / pos.shape[-1])
-    return np.where(total > 0, pos / np.where(total > 0, total, 1.0), uniform)
-
-
-def sum_share_rows(d: np.ndarray) -> np.ndarray:
-    """d / sum d over the last axis (d >= 0); uniform where the sum is 0."""
-    total = d.sum(axis=-1, keepdims=True)
-    uniform = np.full_like(d, 1.0 / d.shape[-1])
-    return np.where(total > 0, d / np.where(total > 0, total, 1.0), uniform)
 
 
 def softmax_rows(x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,13 @@ from typing import Mapping
 
 import numpy as np
 
-from mmdiag.diagnostics._resample import bootstrap_mean_draws, ci_dict, interval, resample_rows
+from mmdiag.diagnostics._resample import (
+    bootstrap_mean_draws,
+    ci_dict,
+    interval,
+    resample_rows,
+)
+from mmdiag.diagnostics._shares import sum_share_rows
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
@@ -41,19 +47,10 @@ def spectral_entropy(x: np.ndarray) -> float:
     return float(-(q * np.log(q)).sum() / math.log(min(n, d)))
 
 
-def _shares(values: np.ndarray) -> np.ndarray:
-    """values / sum over the last axis; uniform where the sum is not positive."""
-    values = np.asarray(values, dtype=np.float64)
-    total = values.sum(axis=-1, keepdims=True)
-    uniform = np.full_like(values, 1.0 / values.shape[-1])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total > 0, values / np.where(total > 0, total, 1.0), uniform)
-
-
 def combine(g_share: np.ndarray, h_share: np.ndarray, lam: float) -> np.ndarray:
     """MDI_m = g_m^lam * h_m^(1 - lam), renormalised over the last axis (uniform if all zero)."""
     raw = np.power(g_share, lam) * np.power(h_share, 1.0 - lam)
-    return _shares(raw)
+    return sum_share_rows(raw)
 
 
 def log_ratio(mdi: np.ndarray) -> np.ndarray:
@@ -163,7 +160,7 @@ class MDI(Diagnostic):
 
         entropy = np.array([spectral_entropy(f) for f in feats])
         grad = gxa.mean(axis=0)
-        g_share, h_share = _shares(grad), _shares(entropy)
+        g_share, h_share = sum_share_rows(grad), sum_share_rows(entropy)
         mdi = combine(g_share, h_share, self.lam)
         head = float(log_ratio(mdi))
         flag = bool(abs(head) > math.log(self.threshold))
@@ -172,12 +169,12 @@ class MDI(Diagnostic):
         per_mod_ci: dict[str, list[float]] = {}
         value_ci = None
         if self.bootstrap > 0:
-            g_draws = _shares(bootstrap_mean_draws(gxa, self.bootstrap, self.seed))
+            g_draws = sum_share_rows(bootstrap_mean_draws(gxa, self.bootstrap, self.seed))
             n_h = min(self.bootstrap, self.entropy_bootstrap) if n_f > 0 else 0
             if n_h > 0:
                 h_draws = np.array([[spectral_entropy(f[row]) for f in feats]
                                     for row in resample_rows(n_f, n_h, self.seed + 1)])
-                h_draws = _shares(h_draws)[np.arange(self.bootstrap) % n_h]
+                h_draws = sum_share_rows(h_draws)[np.arange(self.bootstrap) % n_h]
             else:
                 h_draws = np.broadcast_to(h_share, g_draws.shape)
             mdi_draws = combine(g_draws, h_draws, self.lam)
@@ -200,7 +197,7 @@ class MDI(Diagnostic):
             "entropy_resamples": int(min(self.bootstrap, self.entropy_bootstrap)) if self.bootstrap > 0 else 0,
         }
         if ev.param_grad_norm is not None and ev.param_grad_norm.numel() == len(mods):
-            pgn = _shares(ev.param_grad_norm.detach().double().numpy())
+            pgn = sum_share_rows(ev.param_grad_norm.detach().double().numpy())
             details["param_grad_share"] = {m: float(pgn[j]) for j, m in enumerate(mods)}
         return self.result(
             head,

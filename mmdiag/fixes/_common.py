@@ -32,6 +32,14 @@ class GradScale(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def softmax_floats(scores: list[float]) -> list[float]:
+    """Softmax of a few plain floats (one per modality): per-step weights without tensor overhead."""
+    top = max(scores)
+    e = [math.exp(x - top) for x in scores]
+    total = sum(e)
+    return [x / total for x in e]
+
+
 def grad_scale(x: Tensor, scale: float) -> Tensor:
     """``x`` unchanged, with its gradient multiplied by ``scale`` (no-op for tensors without grad)."""
     if not (x.requires_grad and x.is_floating_point()):

@@ -6,7 +6,6 @@ back through a modality's encoder output; CAL (:mod:`mmdiag.fixes.cal`) uses it 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmdiag.fixes._common import (check_range, clip_grad_norm, readout_stats, reduce_mean, require_encoders,
-                                  scale_feature_gradients)
+                                  scale_feature_gradients, softmax_floats)
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
 
@@ -38,10 +37,7 @@ def arl_weights(dependence: Mapping[str, float], entropy: Mapping[str, float], t
     inv = [1 / x for x in h_hat]
     inv_sum = sum(inv)
     score = [temperature * (x / inv_sum) * (1 - y) for x, y in zip(inv, d_hat)]
-    top = max(score)
-    e = [math.exp(x - top) for x in score]
-    e_sum = sum(e)
-    return {m: x / e_sum for m, x in zip(mods, e)}
+    return dict(zip(mods, softmax_floats(score)))
 
 
 @register_fix

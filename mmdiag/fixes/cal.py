@@ -14,7 +14,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 from mmdiag.fixes._common import (check_range, clip_grad_norm, reduce_mean, require_encoders,
-                                  scale_feature_gradients)
+                                  scale_feature_gradients, softmax_floats)
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
 
@@ -109,10 +109,7 @@ def cal_weights(info: Mapping[str, float], confidence: Mapping[str, float], tau:
         d_hat = {m: 0.5 * (d_hat[m] + potential[m]) for m in mods}
     # softmax in plain float64 arithmetic (M numbers): the tensor form's operations without its overhead
     score = [tau * (lam * i_hat[m] + (1 - lam) * d_hat[m]) for m in mods]
-    top = max(score)
-    e = [math.exp(x - top) for x in score]
-    total_e = sum(e)
-    return {m: x / total_e for m, x in zip(mods, e)}
+    return dict(zip(mods, softmax_floats(score)))
 
 
 @register_fix
