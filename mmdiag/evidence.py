@@ -322,6 +322,13 @@ def merge_evidence(parts: Sequence[Evidence]) -> Evidence:
     for p in parts:
         unavailable.update(p.meta.get("unavailable", {}))
     meta["unavailable"] = unavailable
+    for key in ("subsample_rows", "ig_steps_used"):  # row counts add up over the shards
+        totals: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.meta.get(key, {}).items():
+                totals[k] = totals.get(k, 0) + int(v)
+        if totals:
+            meta[key] = totals
     return Evidence(
         modalities=first.modalities, n_classes=first.n_classes,
         labels=cat("labels"), logits=cat("logits"), index=cat("index"),  # type: ignore[arg-type]

@@ -145,6 +145,41 @@ def test_config_unknown_key_suggests_closest(tmp_path):
     assert "Traceback" not in res.output
 
 
+def test_collect_table_sets_evidence_sampling(workspace, tmp_path):
+    (tmp_path / "mmdiag.toml").write_text(textwrap.dedent(f'''
+        model = "{workspace}/models.py:toy"
+        checkpoint = "{workspace}/toy.pt"
+        data = "{workspace}/test.npz"
+        bootstrap = 20
+        only = "attribution"
+        out = "o"
+        [collect]
+        max_attribution_samples = 24
+        attribution_fraction = 1.0
+        ig_steps = 4
+        ig_max_steps = 4
+        noise_levels = [1, 3, 5]
+    '''))
+    res = run(["analyze", "--device", "cpu"], cwd=tmp_path)
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    collect = report["settings"]["collect"]
+    assert collect["max_attribution_samples"] == 24 and collect["ig_steps"] == 4 and collect["noise_levels"] == [1, 3, 5]
+    assert report["diagnostics"]["attribution"]["details"]["n_samples"] == 24
+
+
+@pytest.mark.parametrize("table, message", [
+    ("ig_step = 4", "Unknown key 'ig_step' in [collect]. Did you mean 'ig_steps'?"),
+    ("batch_size = 8", "[collect] batch_size is set with --batch-size"),
+    ("grad_fraction = 2.0", "grad_fraction must be in (0, 1]; found 2.0"),
+])
+def test_collect_table_errors_exit_2(tmp_path, table, message):
+    (tmp_path / "bad.toml").write_text(f"[collect]\n{table}\n")
+    res = run(["analyze", "--config", str(tmp_path / "bad.toml"), "--model", "m.py:build", "--data", "d.npz"])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
 def test_load_errors_exit_2_without_traceback(workspace, tmp_path):
     res = run(["analyze", "--model", f"{workspace}/models.py:nope", "--data", f"{workspace}/test.npz",
                "--out", str(tmp_path / "o")])

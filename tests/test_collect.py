@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmdiag.adapter import ModelAdapter
-from mmdiag.collect import CollectSettings, collect
+from mmdiag.collect import CollectSettings, collect, subsample_size
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import members
 from mmdiag.loading import dataset_from_arrays
@@ -151,3 +151,76 @@ def test_evidence_save_load_round_trip(tmp_path):
     back = type(ev).load(tmp_path / "ev.pt")
     assert torch.equal(back.subsets, ev.subsets) and back.modalities == ev.modalities
     assert torch.equal(back.features["audio"], ev.features["audio"])
+
+
+# ------------------------------------------------------------------------------------ subsample sizes
+def test_subsample_size_is_a_fraction_between_floor_and_cap():
+    assert subsample_size(1000, 2048, 0.25, 256) == 256      # the floor
+    assert subsample_size(5000, 2048, 0.25, 256) == 1250     # the fraction (ceil)
+    assert subsample_size(5001, 2048, 0.25, 256) == 1251
+    assert subsample_size(100_000, 2048, 0.25, 256) == 2048  # the cap
+    assert subsample_size(100, 16, 0.25, 256) == 16          # a cap below the floor wins
+    assert subsample_size(None, 300, 0.25, 256) == 300       # unknown N: the cap
+    assert subsample_size(1000, 300, 1.0, 256) == 300        # fraction 1: the cap alone
+    for bad in ({"grad_fraction": 0.0}, {"attribution_fraction": 1.5}, {"ig_max_steps": 4},
+                {"ig_tolerance": -0.1}):
+        with pytest.raises(ConfigError):
+            CollectSettings(**bad)
+
+
+def test_gradient_and_attribution_subsamples_follow_the_fractions():
+    model, test, names = _setup(2, n=400)
+    settings = CollectSettings(device="cpu", batch_size=128, grad_fraction=0.75, attribution_fraction=0.2,
+                               max_attribution_samples=50, ig_steps=8)
+    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"grad_x_act", "attribution"}, settings)
+    assert ev.grad_rows.numel() == 300 and ev.attribution_rows.numel() == 50  # 0.75 x 400; 0.2 x 400 capped at 50
+    assert ev.meta["subsample_rows"] == {"grad": 300, "attribution": 50}
+    assert len(set(ev.grad_rows.tolist())) == 300
+
+
+class SharpNet(torch.nn.Module):
+    """Logits with a steep sigmoid along the IG path: a few Gauss-Legendre steps miss the jump."""
+
+    def forward(self, inputs):
+        s = torch.sigmoid(40 * (inputs["audio"].sum(1) - 1.0)) + torch.tanh(inputs["visual"].sum(1))
+        return torch.stack([s, -s], dim=1)
+
+
+def _sharp_data(n=40):
+    rng = np.random.default_rng(0)
+    return {"audio": rng.uniform(0, 0.6, size=(n, 4)).astype(np.float32),
+            "visual": rng.normal(size=(n, 3)).astype(np.float32), "label": rng.integers(0, 2, n)}
+
+
+def test_integrated_gradients_refines_unconverged_rows_only():
+    from captum.attr import IntegratedGradients
+
+    data = _sharp_data()
+    adapter = ModelAdapter(SharpNet(), ("audio", "visual"))
+    base = dict(device="cpu", batch_size=64, max_attribution_samples=40, attribution_fraction=1.0, ig_steps=8)
+    fixed = collect(adapter, dataset_from_arrays(data), {"attribution"}, CollectSettings(**base, ig_max_steps=8))
+    adaptive = collect(adapter, dataset_from_arrays(data), {"attribution"}, CollectSettings(**base, ig_max_steps=512))
+    assert fixed.meta["ig_steps_used"] == {"8": 40}
+    used = adaptive.meta["ig_steps_used"]
+    assert used.get("8", 0) > 0 and sum(v for k, v in used.items() if k != "8") > 0  # some rows refined, not all
+    assert sum(used.values()) == 40
+    # every row meets the tolerance against its own gap (or the batch median gap), the fixed run did not
+    gap = (adaptive.attribution_signed.sum(1) - adaptive.attribution_delta).abs()
+    scale = torch.maximum(gap, gap.median())
+    assert bool((adaptive.attribution_delta <= 0.05 * scale + 1e-6).all())
+    assert float(fixed.attribution_delta.max()) > 0.05 * float(scale.max())
+    # each row equals a direct captum call at the steps that row ended with
+    x = {m: torch.as_tensor(data[m])[adaptive.index] for m in ("audio", "visual")}
+    y = torch.as_tensor(data["label"])[adaptive.index]
+    ig = IntegratedGradients(lambda a, v: SharpNet()({"audio": a, "visual": v}))
+    matched = torch.zeros(40, dtype=torch.long)
+    for steps in (8, 32, 128, 512):
+        attrs = ig.attribute((x["audio"], x["visual"]), target=y, n_steps=steps,
+                             baselines=(torch.zeros_like(x["audio"]), torch.zeros_like(x["visual"])))
+        signed = torch.stack([t.flatten(1).sum(1) for t in attrs], 1)
+        mass = torch.stack([t.abs().flatten(1).sum(1) for t in attrs], 1)
+        same = ((adaptive.attribution_signed - signed).abs() <= 1e-5 + 1e-4 * signed.abs()).all(1)
+        same &= ((adaptive.attribution - mass).abs() <= 1e-5 + 1e-4 * mass).all(1)
+        matched[same & (matched == 0)] = steps
+    assert bool((matched > 0).all())
+    assert {str(k): v for k, v in zip(*(t.tolist() for t in torch.unique(matched, return_counts=True)))} == used

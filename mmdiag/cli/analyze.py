@@ -91,12 +91,15 @@ def analyze(
 ) -> None:
     """Diagnose modality imbalance of a trained multimodal classifier."""
     from mmdiag.api import analyze as run_analyze
-    from mmdiag.collect import CollectSettings
     from mmdiag.render import write_outputs
     from mmdiag.verdict import VerdictThresholds
 
     conf, source = cfg.find_config(config)
     o = cfg.resolve(ctx, dict(ctx.params), conf, source, SETTINGS)
+    # settings errors first: they are cheaper to find than an output folder, a model and data load
+    cs = cfg.collect_settings(conf, batch_size=int(o["batch_size"]), num_workers=int(o["num_workers"]),
+                              device=str(o["device"]), max_feature_samples=int(o["max_probe_samples"]),
+                              max_subsets=int(o["max_subsets"]))
     gate_options = None
     if o.get("run_gate"):  # check the rules before the (long) analysis
         from mmdiag.cli.gate_cmd import analysis_gate_options
@@ -120,8 +123,6 @@ def analyze(
         thresholds = VerdictThresholds(**cfg.table(conf, "thresholds"))
     except TypeError as exc:
         raise ConfigError(f"[thresholds] in the config: {exc}.") from None
-    cs = CollectSettings(batch_size=int(o["batch_size"]), num_workers=int(o["num_workers"]), device=str(o["device"]),
-                         max_feature_samples=int(o["max_probe_samples"]), max_subsets=int(o["max_subsets"]))
     with ProgressBar(not quiet) as bar:
         report, ev = run_analyze(
             the_model, dataset, modalities=mods, call=o.get("call"),

@@ -2,8 +2,9 @@
 
 A config file holds the same settings as the flags (dashes or underscores), plus tables:
 ``[model_kwargs]`` (passed to the model factory), ``[data_kwargs]``, ``[params.<diagnostic>]``
-(diagnostic parameters), ``[thresholds]`` (verdict thresholds) and ``[gate]`` (gate rules). An
-unknown key is an error that names the closest known key.
+(diagnostic parameters), ``[thresholds]`` (verdict thresholds), ``[gate]`` (gate rules) and
+``[collect]`` (evidence sampling: the :class:`~mmdiag.collect.CollectSettings` fields that have no
+flag). An unknown key is an error that names the closest known key.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TABLES = ("model_kwargs", "data_kwargs", "params", "thresholds", "gate", "rebalance")
+TABLES = ("model_kwargs", "data_kwargs", "params", "thresholds", "gate", "rebalance", "collect")
+
+#: CollectSettings fields set by flags of their own, so not in [collect]
+FLAGGED_COLLECT = {"batch_size": "--batch-size", "num_workers": "--num-workers", "device": "--device",
+                   "seed": "--seed", "max_feature_samples": "--max-probe-samples", "max_subsets": "--max-subsets"}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -87,3 +92,27 @@ def table(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"[{name}] in the config must be a table; found {type(value).__name__}.")
     return dict(value)
+
+
+def collect_settings(config: Mapping[str, Any], **flags: Any) -> Any:
+    """:class:`~mmdiag.collect.CollectSettings` from the flags' values and the config's ``[collect]`` table."""
+    from dataclasses import fields
+
+    from mmdiag.collect import CollectSettings
+
+    extra = table(config, "collect")
+    known = sorted(f.name for f in fields(CollectSettings) if f.name not in FLAGGED_COLLECT)
+    for key in extra:
+        if key in FLAGGED_COLLECT:
+            raise ConfigError(f"[collect] {key} is set with {FLAGGED_COLLECT[key]} (or the top-level key "
+                              f"{key.replace('_', '-')!r}), not in [collect].")
+        if key not in known:
+            near = closest(key, known)
+            hint = f" Did you mean {near!r}?" if near else f" Known: {', '.join(known)}."
+            raise ConfigError(f"Unknown key {key!r} in [collect].{hint}")
+    if "noise_levels" in extra:
+        extra["noise_levels"] = tuple(extra["noise_levels"])
+    try:
+        return CollectSettings(**flags, **extra)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[collect] in the config: {exc}.") from None

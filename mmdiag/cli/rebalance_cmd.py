@@ -242,6 +242,7 @@ def rebalance(
         fix_params = dict(tables.get("fix_params", {}))
         model_kwargs, data_kwargs = tables.get("model_kwargs", {}), tables.get("data_kwargs", {})
         analyze_params, threshold_table = tables.get("params", {}), tables.get("thresholds", {})
+        collect_table = tables.get("collect", {})
         out_dir = resume
     else:
         conf, source = cfg.find_config(config)
@@ -249,6 +250,7 @@ def rebalance(
         model_kwargs, data_kwargs = cfg.table(conf, "model_kwargs"), cfg.table(conf, "data_kwargs")
         analyze_params = {k: dict(v) for k, v in cfg.table(conf, "params").items()}
         threshold_table = cfg.table(conf, "thresholds")
+        collect_table = cfg.table(conf, "collect")
         for item in o.get("fix_param") or []:
             key, sep, value = str(item).partition("=")
             if not sep or not key.strip():
@@ -288,7 +290,8 @@ def rebalance(
         write_atomic(out_dir / _RUN_FILE, json.dumps({
             "options": options,
             "tables": {"fix_params": fix_params, "model_kwargs": dict(model_kwargs), "data_kwargs": dict(data_kwargs),
-                       "params": analyze_params, "thresholds": dict(threshold_table)},
+                       "params": analyze_params, "thresholds": dict(threshold_table),
+                       "collect": dict(collect_table)},
         }, indent=2, default=str) + "\n")
 
     from mmdiag.verdict import VerdictThresholds
@@ -297,6 +300,7 @@ def rebalance(
         thresholds = VerdictThresholds(**threshold_table)
     except TypeError as exc:
         raise ConfigError(f"[thresholds] in the config: {exc}.") from None
+    collect_settings = cfg.collect_settings({"collect": collect_table}, device=str(o["device"]))
     formats = o.get("format") or ("json", "csv", "html", "png")
     settings = {"model": spec, "checkpoint": None if not o.get("checkpoint") else str(o["checkpoint"]),
                 "data": o["data"], "val_data": o.get("val_data")}
@@ -314,7 +318,7 @@ def rebalance(
                 encoders=parse_pairs(o.get("encoder"), "--encoder"), head=o.get("head"), mask=o["mask"],
                 mask_at=o.get("mask_at"), bootstrap=int(o["bootstrap"]), only=split_list(o.get("only")),
                 skip=split_list(o.get("skip")), analyze_params=analyze_params, thresholds=thresholds,
-                settings=settings, progress=None if quiet or not main_rank else bar,
+                collect_settings=collect_settings, settings=settings, progress=None if quiet or not main_rank else bar,
                 report_formats=formats,
             )
     except Interrupted as exc:

@@ -64,8 +64,12 @@ class Attribution(Diagnostic):
     with the headline spread computed from it; mmdiag's option, the default follows the issue's
     "absolute mass" definition.
 
-    Intervals: bootstrap over the attributed samples. Cost: ``ig_steps`` forward+backward passes per
-    attributed sample (256 samples x 32 steps by default). Source: captum ``IntegratedGradients``
+    Intervals: bootstrap over the attributed samples. Cost: Gauss-Legendre steps x (forward +
+    backward) per attributed row: rows start at ``ig_steps`` (8) and a row whose completeness gap
+    exceeds ``ig_tolerance`` (5% of its logit change) is redone with 4x the steps, up to
+    ``ig_max_steps`` (128); ``details.ig_steps_used`` counts the rows that ended at each step count.
+    The attributed rows are N/32 of the data, at least 32 and at most 256 (``attribution_fraction``,
+    ``max_attribution_samples``). Source: captum ``IntegratedGradients``
     (Sundararajan et al., 2017).
     """
 
@@ -177,8 +181,11 @@ def _convergence(ev: Evidence) -> dict[str, Any]:
     if pooled is not None and pooled > DELTA_WARN:
         out["convergence_note"] = (
             f"Integrated Gradients has not converged well (delta is {pooled:.1%} of the {relative_to.replace('_', ' ')}); "
-            "raise ig_steps."
+            "raise ig_max_steps or lower ig_tolerance ([collect] in the config)."
         )
+    steps = ev.meta.get("ig_steps_used")
+    if steps:
+        out["ig_steps_used"] = {str(k): int(v) for k, v in sorted(steps.items(), key=lambda kv: int(kv[0]))}
     return out
 
 

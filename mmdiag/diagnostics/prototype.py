@@ -14,7 +14,7 @@ from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
-from mmdiag.stats import bootstrap_ci, bootstrap_mean_ci
+from mmdiag.stats import bootstrap_mean_draws, percentile_interval
 
 
 def class_prototypes(x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,13 +135,17 @@ class Prototype(Diagnostic):
         q_id = q_all[~eval_ood]
         values = {m: float(q_id[:, j].mean()) for j, m in enumerate(ev.modalities)}
         ratios = pmr_ratios(q_id.sum(axis=0))
-        ci = bootstrap_mean_ci(q_id, self.bootstrap, self.seed, self.level)
-
-        def max_ratio(idx: np.ndarray) -> float:
-            r = pmr_ratios(q_id[idx].sum(axis=0))
-            return float(np.max(r))
-
-        value_ci = bootstrap_ci(max_ratio, q_id.shape[0], self.bootstrap, self.seed, self.level)[0]
+        if self.bootstrap > 0 and q_id.shape[0] > 0:
+            # one set of resampled column means serves both intervals; the ratio of sums is the
+            # ratio of means, undefined (NaN, left out) where a modality's mean confidence is 0
+            means = bootstrap_mean_draws(q_id, self.bootstrap, self.seed)
+            low = means.min(axis=1)
+            max_ratio = np.divide(means.max(axis=1), low, out=np.full_like(low, np.nan), where=low > 0)
+            ci = percentile_interval(means, self.level)
+            value_ci = percentile_interval(max_ratio[:, None], self.level)[0]
+        else:
+            ci = np.full((len(ev.modalities), 2), np.nan)
+            value_ci = np.full(2, np.nan)
         details: dict[str, object] = {
             "ratio": {m: float(ratios[j]) for j, m in enumerate(ev.modalities)},
             "spread": spread(values),

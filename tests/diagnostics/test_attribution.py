@@ -203,7 +203,8 @@ def test_signed_share_is_not_inflated_by_extra_noise_elements() -> None:
     padded = dict(test)
     padded["visual"] = np.concatenate(
         [test["visual"], rng.normal(size=(len(test["label"]), 400)).astype(test["visual"].dtype)], axis=1)
-    settings = CollectSettings(device="cpu", seed=0, batch_size=128, max_attribution_samples=64, ig_steps=16)
+    settings = CollectSettings(device="cpu", seed=0, batch_size=128, max_attribution_samples=64,
+                               attribution_fraction=1.0, ig_steps=16)
 
     def shares(net, data):
         ev = collect(ModelAdapter(net, tuple(names), mask_at="input"), dataset_from_arrays(data), {"attribution"}, settings)

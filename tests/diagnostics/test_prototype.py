@@ -7,6 +7,7 @@ import torch
 
 from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.diagnostics._probes import auroc, stratified_split
+from mmdiag.diagnostics._resample import resample_rows
 from mmdiag.evidence import Evidence
 from toys import BALANCED, DOMINANT, toy_evidence
 
@@ -70,6 +71,17 @@ def test_split_path_matches_loops():
         assert res.details["ratio"][m] == pytest.approx(sums[m] / min(sums.values()))
     assert res.value == pytest.approx(max(sums.values()) / min(sums.values()))
     assert res.details["ood"] == "no ood flags" and res.details["build_source"] == "split"
+    # intervals: the percentile interval over resamples of the evaluated rows, drawn one at a time
+    q = np.stack([ref_scores(x[build].tolist(), y[build], x[evaluate].tolist(), y[evaluate], 3)[0]
+                  for x in (xa, xb)], axis=1)
+    means, ratios = [], []
+    for row in resample_rows(len(q), 50, 0):
+        sums_b = q[row].sum(axis=0)
+        means.append(sums_b / len(row))
+        ratios.append(sums_b.max() / sums_b.min())
+    for j, m in enumerate(("a", "b")):
+        assert res.ci[m] == pytest.approx(list(np.quantile(np.array(means)[:, j], [0.025, 0.975])), abs=1e-12)
+    assert res.value_ci == pytest.approx(list(np.quantile(ratios, [0.025, 0.975])), rel=1e-9)
 
 
 def test_probe_data_builds_and_missing_class_prototype_is_skipped():
