@@ -277,6 +277,7 @@ class _Collector:
         self.unavailable: dict[str, str] = {}
         self.data_std: dict[str, float] = {}
         self.head_split_cols: list[tuple[int, int]] | None = None
+        self.world = 1
 
     # -------------------------------------------------------------- helpers
     def _tick(self, stage: str, done: int, total: int | None) -> None:
@@ -594,6 +595,7 @@ def collect(
         loader, rows = make_loader(data, s, order[rank::world])
         stats_loader, _ = make_loader(data, s, order[: s.stats_samples])  # the same rows on every rank
         col.s = s = _per_rank(s, world)
+        col.world = world
     else:
         loader, rows = make_loader(data, s)
         stats_loader = loader
@@ -631,8 +633,10 @@ def collect(
 def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_total: int | None) -> Evidence:
     a, s, wanted = col.adapter, col.s, col.needs
     pick_feat = _pick(n_total, s.max_feature_samples, s.seed + 11)
-    n_grad = subsample_size(n_total, s.max_grad_samples, s.grad_fraction, GRAD_FLOOR)
-    n_attr = subsample_size(n_total, s.max_attribution_samples, s.attribution_fraction, ATTRIBUTION_FLOOR)
+    # under torchrun each process holds 1/world of the rows: its caps and floors are split alike
+    n_grad = subsample_size(n_total, s.max_grad_samples, s.grad_fraction, -(-GRAD_FLOOR // col.world))
+    n_attr = subsample_size(n_total, s.max_attribution_samples, s.attribution_fraction,
+                            -(-ATTRIBUTION_FLOOR // col.world))
     pick_grad = _pick(n_total, n_grad, s.seed + 12)
     pick_noise = _pick(n_total, s.max_noise_samples, s.seed + 13)
     pick_attr = _pick(n_total, n_attr, s.seed + 14)
