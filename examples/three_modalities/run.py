@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tr, va = split_indices(len(arrays["label"]), 0.3, args.seed)
     train_data = {k: v[tr] for k, v in arrays.items()}
     val_data = {k: v[va] for k, v in arrays.items()}
+    torch.manual_seed(args.seed)  # the initial weights too, not only the training order
     model = train(build(), train_data, args.epochs, args.seed)
     torch.save(model.state_dict(), out / "model.pt")
     np.savez(out / "val.npz", **{k: val_data[k] for k in (*MODALITIES, "label")})
