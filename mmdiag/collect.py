@@ -53,8 +53,8 @@ from mmdiag.stats import true_class_margin
 #: progress(stage, done, total) is called as batches finish; total may be None.
 ProgressFn = Callable[[str, int, "int | None"], None]
 
-#: fewest rows of gradient evidence (one batch) and of attributions, whatever the fraction.
-GRAD_FLOOR = 256
+#: fewest rows of gradient evidence and of attributions, whatever the fraction.
+GRAD_FLOOR = 128
 ATTRIBUTION_FLOOR = 32
 #: rows of the first batch that the adapter checks and the head-split detection run on.
 VERIFY_ROWS = 16
@@ -87,7 +87,7 @@ class CollectSettings:
         ig_max_steps: most steps a row is refined to (steps grow 4x per round).
         ig_tolerance: a row is converged when its completeness gap |sum of attributions -
             (f(x) - f(baseline))| is at most this fraction of max(|f(x) - f(baseline)|, the
-            median of that over the batch's attributed rows). Fixed steps: ``ig_max_steps = ig_steps``.
+            median of that over the rows attributed together). Fixed steps: ``ig_max_steps = ig_steps``.
         max_subsets: refuse more than this many subsets (2^M) unless raised.
     """
 
@@ -97,7 +97,7 @@ class CollectSettings:
     seed: int = 0
     max_feature_samples: int = 2000
     max_grad_samples: int = 2048
-    grad_fraction: float = 0.25
+    grad_fraction: float = 0.125
     max_noise_samples: int = 1000
     max_attribution_samples: int = 256
     attribution_fraction: float = 1 / 32
@@ -647,6 +647,29 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
     noise_acc: dict[str, list[Tensor]] = {m: [] for m in a.modalities}
     fused_grad_sum: list[Tensor] | None = None
     grad_rows_seen = 0
+    # Attributed rows wait until they fill one Integrated-Gradients batch (rows x steps = batch
+    # size): a few rows per evaluation batch would each pay captum's per-call cost. At most that
+    # many rows of inputs are held.
+    attr_buffer: list[tuple[dict[str, Tensor], Tensor, Tensor]] = []
+    attr_chunk = max(1, s.batch_size // s.ig_steps)
+
+    def flush_attribution() -> None:
+        if not attr_buffer or "attribution" not in wanted:
+            attr_buffer.clear()
+            return
+        sub_in = {k: torch.cat([x[0][k] for x in attr_buffer]) for k in attr_buffer[0][0]}
+        sub_y = torch.cat([x[1] for x in attr_buffer])
+        rows = torch.cat([x[2] for x in attr_buffer])
+        attr_buffer.clear()
+        try:
+            mass, signed, delta, steps = col.attribution(sub_in, sub_y)
+            acc["ig_steps"].append(steps)
+            acc["attr"].append(mass)
+            acc["attr_signed"].append(signed)
+            acc["delta"].append(delta)
+            acc["attr_rows"].append(rows)
+        except (EvidenceError, AdapterError, RuntimeError, AssertionError) as exc:
+            col._fail("attribution", exc)
     with torch.no_grad():
         for offset, inputs, labels, extras in col._batches(loader):
             b = labels.shape[0]
@@ -711,16 +734,11 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
                     col._fail("noise_features", exc)
             r = _rows_in(offset, b, pick_attr, n_attr)
             if r.numel() and "attribution" in wanted:
-                try:
-                    mass, signed, delta, steps = col.attribution(_take(inputs, r), labels[r.to(labels.device)])
-                    acc["ig_steps"].append(steps)
-                    acc["attr"].append(mass)
-                    acc["attr_signed"].append(signed)
-                    acc["delta"].append(delta)
-                    acc["attr_rows"].append(r + offset)
-                except (EvidenceError, AdapterError, RuntimeError, AssertionError) as exc:
-                    col._fail("attribution", exc)
+                attr_buffer.append((_take(inputs, r), labels[r.to(labels.device)], r + offset))
+                if sum(int(x[2].numel()) for x in attr_buffer) >= attr_chunk:
+                    flush_attribution()
             col._tick("evaluating", offset + b, n_total)
+        flush_attribution()
 
     def cat(key: str) -> Tensor | None:
         return torch.cat(acc[key]) if acc[key] else None

@@ -14,9 +14,11 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-#: Resampling indices drawn at once: at most 64 rows and about a million indices, so the transient
-#: memory of a bootstrap stays bounded (about 8 MB of indices) however large N is.
-_CHUNK = 64
+#: Resampling indices drawn at once: at most 1024 resamples and about a million indices, so the
+#: transient memory of a bootstrap stays bounded (about 8 MB of indices) however large N is, while a
+#: small N takes few, large chunks (the per-chunk Python and matmul overhead dominated at N = 1k).
+#: The draws do not depend on the chunking: the generator fills the chunks in order.
+_CHUNK = 1024
 _CHUNK_INDICES = 1_000_000
 
 
@@ -71,7 +73,8 @@ def counts_matmul(counts: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_counts(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Yield [chunk, n] float64 matrices of how often each row is drawn, ``n_boot`` rows in all.
+    """Yield [chunk, n] float64 matrices of how often each row is drawn, ``n_boot`` rows in all
+    (read-only: they may be shared with later calls).
 
     Row b of the concatenated chunks counts the indices of resample b of :func:`bootstrap_indices`
     (same seed, same resamples), so ``counts @ x / n`` is the resampled column mean of ``x``.
@@ -83,14 +86,18 @@ def bootstrap_counts(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     if cached is not None:
         _COUNTS_CACHE.move_to_end(key)
         for chunk in cached:
-            yield chunk.astype(np.float64)
+            yield chunk if chunk.dtype == np.float64 else chunk.astype(np.float64)
         return
     fits = _sharing > 0 and n * n_boot <= _COUNTS_CACHE_BYTES // 2
+    # a small matrix is kept as float64, so that a dozen diagnostics do not each convert it again
+    # (8 MB at N = 1k); a large one as the compact counts
+    wide = n * n_boot * 8 <= _COUNTS_CACHE_BYTES // 4
     kept: list[np.ndarray] = []
     for chunk in _counts_chunks(n, n_boot, seed):
+        as_float = chunk.astype(np.float64)
         if fits:
-            kept.append(chunk)
-        yield chunk.astype(np.float64)
+            kept.append(as_float if wide else chunk)
+        yield as_float
     if fits and sum(c.nbytes for c in kept) <= _COUNTS_CACHE_BYTES:
         _COUNTS_CACHE[key] = kept
         while sum(c.nbytes for chunks in _COUNTS_CACHE.values() for c in chunks) > _COUNTS_CACHE_BYTES:

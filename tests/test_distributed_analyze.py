@@ -60,8 +60,8 @@ def test_two_process_evidence_equals_single_process(tmp_path):
     torch.testing.assert_close(_by_index(sharded, sharded.labels), _by_index(single, single.labels))
     assert sharded.features["audio"].shape == single.features["audio"].shape
     # the gradient subsample (fraction, floor and cap split between the processes) has the same size
-    assert sharded.grad_rows.numel() == single.grad_rows.numel() == 256
-    assert sharded.meta["subsample_rows"]["grad"] == single.meta["subsample_rows"]["grad"] == 256
+    assert sharded.grad_rows.numel() == single.grad_rows.numel() == 128
+    assert sharded.meta["subsample_rows"]["grad"] == single.meta["subsample_rows"]["grad"] == 128
 
 
 def test_merge_shifts_subsample_rows():

@@ -145,6 +145,9 @@ def test_config_table(ws: Path) -> None:
         [rebalance.fix_params]
         beta = 0.5
         ogm_ge = { alpha = 0.9 }
+
+        [collect]
+        permutations = 2
     '''))
     res = run(["rebalance", "--config", "rb.toml", "--out", "cfg", "--device", "cpu", "--bootstrap", "20",
                "--format", "json", "--quiet"], ws)
@@ -154,6 +157,8 @@ def test_config_table(ws: Path) -> None:
     with open(ws / "cfg" / "history.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 1
     assert not (ws / "cfg" / "before").exists()  # no checkpoint, no before analysis
+    after = json.loads((ws / "cfg" / "after" / "report.json").read_text())
+    assert after["settings"]["collect"]["permutations"] == 2 and after["settings"]["collect"]["device"] == "cpu"
     model = ToyNet(["audio", "visual"], feat_dim=8)
     load_checkpoint(model, ws / "cfg" / "model.safetensors")
 

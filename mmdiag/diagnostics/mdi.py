@@ -128,7 +128,7 @@ class MDI(Diagnostic):
 
     lam: float = 0.5
     threshold: float = 1.5
-    entropy_bootstrap: int = 200
+    entropy_bootstrap: int = 100
     target: str = "margin"
 
     def __post_init__(self) -> None:

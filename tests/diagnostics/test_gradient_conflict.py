@@ -219,7 +219,9 @@ def _early_evidence(strength: tuple[float, ...], seed: int) -> Evidence:
     model = trained_toy(strength, seed, "concat", epochs=1)
     data = dataset_from_arrays(toy_split(strength, seed)[1])
     adapter = ModelAdapter(model, tuple(names_for(len(strength))))
-    return collect(adapter, data, {"param_grads"}, CollectSettings(device="cpu", seed=seed, batch_size=128))
+    # every row in the gradient evidence (fraction 1), as in the measurements quoted below
+    settings = CollectSettings(device="cpu", seed=seed, batch_size=128, grad_fraction=1.0)
+    return collect(adapter, data, {"param_grads"}, settings)
 
 
 def test_direction_during_training() -> None:
