@@ -215,15 +215,27 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, Timing]:
 BUDGET_S = 40.0
 
 
+#: short measurements repeat until their runs add up to this many seconds (at most SHORT_RUNS runs)
+SHORT_TOTAL_S = 2.0
+SHORT_RUNS = 15
+
+
 def median_timing(fn: Callable[[], Any], repeats: int, budget_s: float | None = None) -> tuple[Any, Timing]:
-    """Median wall and CPU time of up to ``repeats`` runs; no new run starts once ``budget_s`` is spent."""
+    """Median wall and CPU time of ``repeats`` runs or more; no new run starts once ``budget_s`` is spent.
+
+    Like timeit's autorange, a measurement whose runs are short repeats until they add up to
+    ``SHORT_TOTAL_S`` (at most ``SHORT_RUNS`` runs): the median of three 0.1 s runs moves with every
+    scheduler hiccup on a shared machine. ``repeats = 1`` means one run.
+    """
     budget = BUDGET_S if budget_s is None else budget_s
     out, walls, cpus = None, [], []
-    for _ in range(max(1, repeats)):
+    while True:
         out, t = timed(fn)
         walls.append(t.wall)
         cpus.append(t.cpu)
-        if sum(walls) >= budget:
+        done = len(walls) >= max(1, repeats) and (
+            repeats <= 1 or sum(walls) >= SHORT_TOTAL_S or len(walls) >= SHORT_RUNS)
+        if done or sum(walls) >= budget:
             break
     return out, Timing(statistics.median(walls), statistics.median(cpus))
 

@@ -36,8 +36,12 @@ def spectral_entropy(x: np.ndarray) -> float:
     n, d = x.shape
     if min(n, d) < 2:
         return 0.0
-    xc = x - x.mean(axis=0, keepdims=True)
-    gram = xc.T @ xc if d <= n else xc @ xc.T
+    mean = x.mean(axis=0)
+    if d <= n:  # the d x d scatter without a centred copy of x (it is called once per resample)
+        gram = x.T @ x - n * np.outer(mean, mean)
+    else:
+        xc = x - mean
+        gram = xc @ xc.T
     lam = np.clip(np.linalg.eigvalsh(gram), 0.0, None)
     total = lam.sum()
     if not np.isfinite(total) or total <= 0.0:
