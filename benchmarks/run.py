@@ -220,24 +220,37 @@ SHORT_TOTAL_S = 2.0
 SHORT_RUNS = 15
 
 
-def median_timing(fn: Callable[[], Any], repeats: int, budget_s: float | None = None) -> tuple[Any, Timing]:
-    """Median wall and CPU time of ``repeats`` runs or more; no new run starts once ``budget_s`` is spent.
+def interleaved_timings(fns: Sequence[Callable[[], Any]], repeats: int,
+                        budget_s: float | None = None) -> list[tuple[Any, Timing]]:
+    """Median wall and CPU time of each of ``fns``, run in turns (one run of each per round).
 
-    Like timeit's autorange, a measurement whose runs are short repeats until they add up to
-    ``SHORT_TOTAL_S`` (at most ``SHORT_RUNS`` runs): the median of three 0.1 s runs moves with every
-    scheduler hiccup on a shared machine. ``repeats = 1`` means one run.
+    Turns, not one function's runs and then the next's: the functions then share the machine's
+    state (other load, CPU clocks, and the C allocator's, whose free list after a large free makes
+    small-tensor forwards up to 1.5x faster), so their ratio does not depend on which ran first.
+    ``repeats`` rounds or more: like timeit's autorange, rounds whose runs are short repeat until
+    each function's runs add up to ``SHORT_TOTAL_S`` (at most ``SHORT_RUNS`` rounds), because the
+    median of three 0.1 s runs moves with every scheduler hiccup on a shared machine. No new round
+    starts once ``budget_s`` is spent. ``repeats = 1`` means one round.
     """
     budget = BUDGET_S if budget_s is None else budget_s
-    out, walls, cpus = None, [], []
+    outs: list[Any] = [None] * len(fns)
+    walls: list[list[float]] = [[] for _ in fns]
+    cpus: list[list[float]] = [[] for _ in fns]
     while True:
-        out, t = timed(fn)
-        walls.append(t.wall)
-        cpus.append(t.cpu)
-        done = len(walls) >= max(1, repeats) and (
-            repeats <= 1 or sum(walls) >= SHORT_TOTAL_S or len(walls) >= SHORT_RUNS)
-        if done or sum(walls) >= budget:
+        for j, fn in enumerate(fns):
+            outs[j], t = timed(fn)
+            walls[j].append(t.wall)
+            cpus[j].append(t.cpu)
+        rounds = len(walls[0])
+        short = min(sum(w) for w in walls) >= SHORT_TOTAL_S or rounds >= SHORT_RUNS
+        if (rounds >= max(1, repeats) and (repeats <= 1 or short)) or sum(map(sum, walls)) >= budget:
             break
-    return out, Timing(statistics.median(walls), statistics.median(cpus))
+    return [(out, Timing(statistics.median(w), statistics.median(c))) for out, w, c in zip(outs, walls, cpus)]
+
+
+def median_timing(fn: Callable[[], Any], repeats: int, budget_s: float | None = None) -> tuple[Any, Timing]:
+    """Median wall and CPU time of ``fn`` over ``repeats`` runs or more (see :func:`interleaved_timings`)."""
+    return interleaved_timings([fn], repeats, budget_s)[0]
 
 
 class UtilSampler:
@@ -315,14 +328,17 @@ def bench_cost(sizes: Sizes, device: torch.device, log: Callable[[str], None]) -
             models[m_count] = make_model(m_count, sizes.image, train_steps=sizes.train_steps).to(device)
         model = models[m_count]
         data = in_memory(n, m_count, sizes.image)
-        plain_pass(model, data, cs.batch_size, device)  # warm-up
 
         def run(sk: Sequence[str] | None, bootstrap: int = sizes.bootstrap) -> Any:
             return mmdiag.analyze(model, data, skip=sk, collect_settings=cs, bootstrap=bootstrap)
 
-        _, plain = median_timing(lambda: plain_pass(model, data, cs.batch_size, device), sizes.repeats)
-        with UtilSampler(device) as util:
-            report, core = median_timing(lambda: run(skip), sizes.repeats)
+        plain_pass(model, data, cs.batch_size, device)  # warm-up of both
+        run(skip)
+        (_, plain), (report, core) = interleaved_timings(
+            [lambda: plain_pass(model, data, cs.batch_size, device), lambda: run(skip)], sizes.repeats)
+        with UtilSampler(device) as util:  # a separate run: utilisation of the analysis alone
+            if util.active:
+                run(skip)
         _, core0 = median_timing(lambda: run(skip, 0), sizes.extra_repeats)
         _, full = median_timing(lambda: run(None), sizes.extra_repeats)
         row = {"M": m_count, "N": n, "plain_s": plain.wall, "plain_cpu_s": plain.cpu,
@@ -639,7 +655,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               f"*full* = the whole default suite. Bootstrap: {res['sizes']['bootstrap']} resamples"
               f"{' (the default)' if res['sizes']['bootstrap'] == 1000 else ''}; collect caps: "
               f"{dict(res['sizes']['caps']) or 'the defaults'}.", "",
-              f"Plain and core are medians of {res['repeats']} runs; *core, bootstrap 0* (the same suite with "
+              f"Plain and core are medians of {res['repeats']} or more runs, taken in turns (plain, core, plain, ...) "
+              "after a warm-up of each, so both see the same machine and allocator state; *core, bootstrap 0* (the same suite with "
               f"`bootstrap=0`, no intervals) and *full* of {res['sizes']['extra_repeats']}.", "",
               "| M | N | plain s | core s | core ratio | core cpu ratio | core, bootstrap 0: ratio | full s | full ratio | full cpu ratio | core target met |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

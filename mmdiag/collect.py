@@ -8,9 +8,10 @@ diagnostics need (see :data:`mmdiag.evidence.EVIDENCE_KINDS`):
 * on seeded random subsamples (caps in :class:`CollectSettings`): pooled features, gradients of the
   fused loss with respect to the encoder outputs and parameters (``torch.autograd.grad``: no
   ``.grad`` is written and no parameter changes), inputs corrupted at a grid of noise levels, and
-  Integrated-Gradients attributions. The two gradient subsamples are a fixed fraction of the data
-  (with a floor and a cap), so their cost stays proportional to one evaluation pass whatever N is;
-  Integrated Gradients refines its step count per row until the completeness gap is small.
+  Integrated-Gradients attributions. The gradient, parameter-gradient and attribution subsamples
+  are a fixed fraction of the data (with a floor and a cap), so their cost stays proportional to
+  one evaluation pass whatever N is; Integrated Gradients refines its step count per row until the
+  completeness gap is small.
 
 Rows are visited in a seeded shuffled order (so within-batch permutations mix classes even when
 the file is sorted by label); ``Evidence.index`` maps each row back to the dataset index. An
@@ -53,8 +54,10 @@ from mmdiag.stats import true_class_margin
 #: progress(stage, done, total) is called as batches finish; total may be None.
 ProgressFn = Callable[[str, int, "int | None"], None]
 
-#: fewest rows of gradient evidence and of attributions, whatever the fraction.
+#: fewest rows of feature-gradient evidence, of parameter gradients and of attributions, whatever
+#: the fraction.
 GRAD_FLOOR = 128
+PARAM_GRAD_FLOOR = 64
 ATTRIBUTION_FLOOR = 32
 #: rows of the first batch that the adapter checks and the head-split detection run on.
 VERIFY_ROWS = 16
@@ -73,8 +76,13 @@ class CollectSettings:
         seed: seeds the row order, subsamples, masks, permutations and noise.
         max_feature_samples: cap on rows whose pooled features are kept (probes, prototypes, MDI entropy).
         max_grad_samples: cap on rows used for gradient evidence.
-        grad_fraction: fraction of the rows used for gradient evidence (at least
-            :data:`GRAD_FLOOR` rows, at most ``max_grad_samples``); 1 = up to the cap.
+        grad_fraction: fraction of the rows whose feature gradients (``grad_x_act``: fusion-head
+            backwards on cached features, cheap) are taken (at least :data:`GRAD_FLOOR` rows, at
+            most ``max_grad_samples``); 1 = up to the cap.
+        param_grad_fraction: fraction of the rows whose encoder-parameter gradients
+            (``param_grads``: an encoder forward and two encoder backwards per row, the costlier
+            kind) are taken (at least :data:`PARAM_GRAD_FLOOR` rows, at most ``max_grad_samples``,
+            and never more than the feature-gradient rows, which they are drawn from).
         max_noise_samples: cap on rows corrupted at every noise level (UDML).
         max_attribution_samples: cap on rows attributed with Integrated Gradients.
         attribution_fraction: fraction of the rows attributed (at least :data:`ATTRIBUTION_FLOOR`
@@ -98,9 +106,10 @@ class CollectSettings:
     max_feature_samples: int = 2000
     max_grad_samples: int = 2048
     grad_fraction: float = 0.125
+    param_grad_fraction: float = 0.0625
     max_noise_samples: int = 1000
     max_attribution_samples: int = 256
-    attribution_fraction: float = 1 / 32
+    attribution_fraction: float = 1 / 64
     stats_samples: int = 2048
     permutations: int = 5
     noise_levels: tuple[int, ...] = tuple(range(1, 12))
@@ -118,7 +127,7 @@ class CollectSettings:
                      "max_attribution_samples", "stats_samples"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0; found {getattr(self, name)}.")
-        for name in ("grad_fraction", "attribution_fraction"):
+        for name in ("grad_fraction", "param_grad_fraction", "attribution_fraction"):
             if not 0.0 < float(getattr(self, name)) <= 1.0:
                 raise ConfigError(f"{name} must be in (0, 1]; found {getattr(self, name)}.")
         if int(self.ig_max_steps) < int(self.ig_steps):
@@ -212,7 +221,11 @@ def subsample_size(n: int | None, cap: int, fraction: float, floor: int) -> int:
 
 
 def _pick(n: int | None, cap: int, seed: int) -> set[int] | None:
-    """A seeded random set of ``cap`` row numbers out of ``n`` (None: all rows; n unknown: the first)."""
+    """A seeded random set of ``cap`` row numbers out of ``n`` (None: all rows; n unknown: the first).
+
+    The rows are the first ``cap`` of one seeded permutation, so a smaller cap with the same seed
+    picks a subset of a larger one's rows.
+    """
     if n is None:
         return set(range(cap))
     if cap >= n:
@@ -416,70 +429,74 @@ class _Collector:
                 nll[k, j] = F.cross_entropy(z.float(), labels, reduction="none").cpu()
         return correct, nll
 
-    def gradients(self, inputs: Mapping[str, Tensor], labels: Tensor,
-                  feats: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Feature gradient x activation, and encoder-parameter gradients of fused and unimodal losses.
+    def feature_gradients(self, inputs: Mapping[str, Tensor], labels: Tensor,
+                          feats: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+        """[b, M] gradient x activation of each encoder output, for the true-class margin
+        (``grad_x_act``) and the fused cross-entropy (``grad_x_loss``).
 
         ``feats``: the encoder outputs of these rows from the main pass, when it has them (saves an
-        encoder forward for the gradient x activation, which needs only the head).
+        encoder forward: only the fusion head runs, forward and backward).
         """
         a = self.adapter
-        out: dict[str, Any] = {}
+        out: dict[str, Tensor] = {}
         with torch.enable_grad():
-            if "grad_x_act" in self.needs:
-                if feats is None:
-                    with torch.no_grad():
-                        _, feats = a.encode(inputs)
-                leaves = {m: map_tensors(lambda t: t.detach().float().requires_grad_(True), feats[m]) for m in a.modalities}
-                z = a.head_forward(inputs, leaves).float()
-                tensors = [first_tensor(leaves[m]) for m in a.modalities]
-                # Two first-order targets, both head-only backwards on the cached features: the
-                # centred true-class logit margin z_y - mean_k z_k (mdi's default: it does not vanish
-                # on confidently correct samples) and the fused cross-entropy (the literal proposal).
-                margin = true_class_margin(z, labels).sum()
-                loss = F.cross_entropy(z, labels, reduction="sum")
-                for key, target in (("grad_x_act", margin), ("grad_x_loss", loss)):
-                    grads = torch.autograd.grad(target, tensors, allow_unused=True, retain_graph=key == "grad_x_act")
-                    gxa = [torch.zeros(h.shape[0], device=h.device) if g is None else (g * h).flatten(1).sum(1).abs()
-                           for h, g in zip(tensors, grads)]
-                    out[key] = torch.stack(gxa, dim=1).detach().cpu()
-            if "param_grads" in self.needs:
-                z, feats = a.encode(inputs)
-                fused = F.cross_entropy(z.float(), labels)
-                cos, fused_grads = [], []
-                per_modality = {m: [p for p in a.encoder_module(m).parameters() if p.requires_grad] for m in a.modalities}
-                for m, params in per_modality.items():
-                    if not params:
-                        raise EvidenceError(
-                            f"The encoder of {m!r} has no trainable parameters (frozen), so parameter "
-                            "gradients are undefined."
-                        )
-                flat = [p for m in a.modalities for p in per_modality[m]]
-                all_fused = torch.autograd.grad(fused, flat, retain_graph=True, allow_unused=True)
-                only = {m: F.cross_entropy(a.head_forward(inputs, a.masked_features(feats, [m], self.gen)).float(),
-                                           labels) for m in a.modalities}
-                if len({id(p) for p in flat}) == len(flat):
-                    # The m-only loss reaches encoder m alone (every other modality is replaced by a
-                    # constant baseline), so one backward of their sum gives every encoder its own
-                    # unimodal gradient: 2 backwards in all instead of M + 1.
-                    all_only = torch.autograd.grad(sum(only.values()), flat, allow_unused=True)
-                else:  # encoders share parameters: one backward per modality keeps them apart
-                    all_only = tuple(g for m in a.modalities for g in torch.autograd.grad(
-                        only[m], per_modality[m], retain_graph=True, allow_unused=True))
-                start = 0
-                for m in a.modalities:
-                    params = per_modality[m]
-                    g_f = all_fused[start:start + len(params)]
-                    g_u = all_only[start:start + len(params)]
-                    start += len(params)
-                    vf = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(g_f, params)])
-                    vu = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(g_u, params)])
-                    denom = vf.norm() * vu.norm()
-                    cos.append(float((vf @ vu) / denom) if denom > 0 else 0.0)
-                    fused_grads.append(vf.detach().cpu())
-                out["grad_cosine"] = torch.tensor(cos)
-                out["fused_param_grads"] = fused_grads
+            if feats is None:
+                with torch.no_grad():
+                    _, feats = a.encode(inputs)
+            leaves = {m: map_tensors(lambda t: t.detach().float().requires_grad_(True), feats[m]) for m in a.modalities}
+            z = a.head_forward(inputs, leaves).float()
+            tensors = [first_tensor(leaves[m]) for m in a.modalities]
+            # Two first-order targets, both head-only backwards on the cached features: the
+            # centred true-class logit margin z_y - mean_k z_k (mdi's default: it does not vanish
+            # on confidently correct samples) and the fused cross-entropy (the literal proposal).
+            margin = true_class_margin(z, labels).sum()
+            loss = F.cross_entropy(z, labels, reduction="sum")
+            for key, target in (("grad_x_act", margin), ("grad_x_loss", loss)):
+                grads = torch.autograd.grad(target, tensors, allow_unused=True, retain_graph=key == "grad_x_act")
+                gxa = [torch.zeros(h.shape[0], device=h.device) if g is None else (g * h).flatten(1).sum(1).abs()
+                       for h, g in zip(tensors, grads)]
+                out[key] = torch.stack(gxa, dim=1).detach().cpu()
         return out
+
+    def parameter_gradients(self, inputs: Mapping[str, Tensor], labels: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """([M] cosine of the fused-loss and m-only-loss gradients on each encoder's parameters,
+        the flattened fused-loss gradient of each encoder)."""
+        a = self.adapter
+        with torch.enable_grad():
+            z, feats = a.encode(inputs)
+            fused = F.cross_entropy(z.float(), labels)
+            cos, fused_grads = [], []
+            per_modality = {m: [p for p in a.encoder_module(m).parameters() if p.requires_grad] for m in a.modalities}
+            for m, params in per_modality.items():
+                if not params:
+                    raise EvidenceError(
+                        f"The encoder of {m!r} has no trainable parameters (frozen), so parameter "
+                        "gradients are undefined."
+                    )
+            flat = [p for m in a.modalities for p in per_modality[m]]
+            all_fused = torch.autograd.grad(fused, flat, retain_graph=True, allow_unused=True)
+            only = {m: F.cross_entropy(a.head_forward(inputs, a.masked_features(feats, [m], self.gen)).float(),
+                                       labels) for m in a.modalities}
+            if len({id(p) for p in flat}) == len(flat):
+                # The m-only loss reaches encoder m alone (every other modality is replaced by a
+                # constant baseline), so one backward of their sum gives every encoder its own
+                # unimodal gradient: 2 backwards in all instead of M + 1.
+                all_only = torch.autograd.grad(sum(only.values()), flat, allow_unused=True)
+            else:  # encoders share parameters: one backward per modality keeps them apart
+                all_only = tuple(g for m in a.modalities for g in torch.autograd.grad(
+                    only[m], per_modality[m], retain_graph=True, allow_unused=True))
+            start = 0
+            for m in a.modalities:
+                params = per_modality[m]
+                g_f = all_fused[start:start + len(params)]
+                g_u = all_only[start:start + len(params)]
+                start += len(params)
+                vf = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(g_f, params)])
+                vu = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(g_u, params)])
+                denom = vf.norm() * vu.norm()
+                cos.append(float((vf @ vu) / denom) if denom > 0 else 0.0)
+                fused_grads.append(vf.detach().cpu())
+        return torch.tensor(cos), fused_grads
 
     def noise_features(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """modality -> [L, b, d] pooled features of that modality's encoder with its input corrupted."""
@@ -635,9 +652,14 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
     pick_feat = _pick(n_total, s.max_feature_samples, s.seed + 11)
     # under torchrun each process holds 1/world of the rows: its caps and floors are split alike
     n_grad = subsample_size(n_total, s.max_grad_samples, s.grad_fraction, -(-GRAD_FLOOR // col.world))
+    # parameter gradients (an encoder forward and two encoder backwards a row) on a smaller share,
+    # drawn from the same permutation, so their rows are among the feature-gradient rows
+    n_param = min(n_grad, subsample_size(n_total, s.max_grad_samples, s.param_grad_fraction,
+                                         -(-PARAM_GRAD_FLOOR // col.world)))
     n_attr = subsample_size(n_total, s.max_attribution_samples, s.attribution_fraction,
                             -(-ATTRIBUTION_FLOOR // col.world))
     pick_grad = _pick(n_total, n_grad, s.seed + 12)
+    pick_param = _pick(n_total, n_param, s.seed + 12)
     pick_noise = _pick(n_total, s.max_noise_samples, s.seed + 13)
     pick_attr = _pick(n_total, n_attr, s.seed + 14)
     acc: dict[str, list[Any]] = {k: [] for k in (
@@ -704,26 +726,26 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
                         feats_acc[m].append(pool(_take(feats[m], r)).float().cpu())
                     acc["feat_rows"].append(r + offset)
             r = _rows_in(offset, b, pick_grad, n_grad)
-            if r.numel() and wanted & {"grad_x_act", "param_grads"}:
-                sub_in, sub_y = _take(inputs, r), labels[r.to(labels.device)]
+            if r.numel() and "grad_x_act" in wanted:
                 try:
                     sub_feats = None if feats is None else {m: _take(feats[m], r) for m in a.modalities}
-                    g = col.gradients(sub_in, sub_y, sub_feats)
-                except (EvidenceError, AdapterError, RuntimeError) as exc:
-                    for kind in ("grad_x_act", "param_grads"):
-                        if kind in wanted:
-                            col._fail(kind, exc)
-                    g = {}
-                if "grad_x_act" in g:
+                    g = col.feature_gradients(_take(inputs, r), labels[r.to(labels.device)], sub_feats)
                     acc["gxa"].append(g["grad_x_act"])
                     acc["gxl"].append(g["grad_x_loss"])
                     acc["grad_rows"].append(r + offset)
-                if "grad_cosine" in g:
-                    acc["cos"].append(g["grad_cosine"])
+                except (EvidenceError, AdapterError, RuntimeError) as exc:
+                    col._fail("grad_x_act", exc)
+            r = _rows_in(offset, b, pick_param, n_param)
+            if r.numel() and "param_grads" in wanted:
+                try:
+                    cos, fused_grads = col.parameter_gradients(_take(inputs, r), labels[r.to(labels.device)])
+                    acc["cos"].append(cos)
                     acc["cos_n"].append(r.numel())
-                    weighted = [v * r.numel() for v in g["fused_param_grads"]]
+                    weighted = [v * r.numel() for v in fused_grads]
                     fused_grad_sum = weighted if fused_grad_sum is None else [x + y for x, y in zip(fused_grad_sum, weighted)]
                     grad_rows_seen += r.numel()
+                except (EvidenceError, AdapterError, RuntimeError) as exc:
+                    col._fail("param_grads", exc)
             r = _rows_in(offset, b, pick_noise, s.max_noise_samples)
             if r.numel() and "noise_features" in wanted:
                 try:
@@ -785,7 +807,7 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
             "head_split": col.head_split_cols is not None,
             "unavailable": dict(col.unavailable),
             "data_std": dict(col.data_std),
-            "subsample_rows": {"grad": n_grad, "attribution": n_attr},
+            "subsample_rows": {"grad": n_grad, "param_grad": n_param, "attribution": n_attr},
             **({"ig_steps_used": {str(k): v for k, v in zip(*(t.tolist() for t in torch.unique(cat("ig_steps"), return_counts=True)))}}
                if acc["ig_steps"] else {}),
         },

@@ -117,9 +117,10 @@ def true_class_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def percentile_interval(draws: np.ndarray, level: float = 0.95) -> np.ndarray:
     """[..., 2] low/high percentiles over the first axis of ``draws``."""
     alpha = (1.0 - level) / 2.0
-    return np.stack(
-        [np.nanquantile(draws, alpha, axis=0), np.nanquantile(draws, 1.0 - alpha, axis=0)], axis=-1
-    )
+    # np.quantile is vectorised over the columns; nanquantile loops over them in Python (about
+    # 0.1 ms a column), so it is kept for draws that hold NaN
+    quantile = np.quantile if not np.isnan(draws).any() else np.nanquantile
+    return np.stack([quantile(draws, alpha, axis=0), quantile(draws, 1.0 - alpha, axis=0)], axis=-1)
 
 
 def bootstrap_mean_draws(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:

@@ -162,7 +162,7 @@ def test_subsample_size_is_a_fraction_between_floor_and_cap():
     assert subsample_size(100, 16, 0.25, 256) == 16          # a cap below the floor wins
     assert subsample_size(None, 300, 0.25, 256) == 300       # unknown N: the cap
     assert subsample_size(1000, 300, 1.0, 256) == 300        # fraction 1: the cap alone
-    for bad in ({"grad_fraction": 0.0}, {"attribution_fraction": 1.5}, {"ig_max_steps": 4},
+    for bad in ({"grad_fraction": 0.0}, {"attribution_fraction": 1.5}, {"param_grad_fraction": -0.1}, {"ig_max_steps": 4},
                 {"ig_tolerance": -0.1}):
         with pytest.raises(ConfigError):
             CollectSettings(**bad)
@@ -172,10 +172,23 @@ def test_gradient_and_attribution_subsamples_follow_the_fractions():
     model, test, names = _setup(2, n=400)
     settings = CollectSettings(device="cpu", batch_size=128, grad_fraction=0.75, attribution_fraction=0.2,
                                max_attribution_samples=50, ig_steps=8)
-    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"grad_x_act", "attribution"}, settings)
+    ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test),
+                 {"grad_x_act", "param_grads", "attribution"}, settings)
     assert ev.grad_rows.numel() == 300 and ev.attribution_rows.numel() == 50  # 0.75 x 400; 0.2 x 400 capped at 50
-    assert ev.meta["subsample_rows"] == {"grad": 300, "attribution": 50}
+    # parameter gradients: 400 / 16 = 25 rows, raised to the floor of 64
+    assert ev.meta["subsample_rows"] == {"grad": 300, "param_grad": 64, "attribution": 50}
+    assert int(ev.grad_batch_sizes.sum()) == 64 and ev.grad_cosine.shape == (ev.grad_batch_sizes.numel(), 2)
     assert len(set(ev.grad_rows.tolist())) == 300
+    # the parameter-gradient rows are drawn from the feature-gradient rows (one seeded permutation)
+    from mmdiag.collect import _pick
+
+    assert _pick(400, 64, 12) <= _pick(400, 300, 12)
+    wide = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"param_grads"},
+                   CollectSettings(device="cpu", batch_size=128, grad_fraction=0.75, param_grad_fraction=0.5))
+    assert int(wide.grad_batch_sizes.sum()) == 200 and wide.meta["subsample_rows"]["param_grad"] == 200
+    capped = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"param_grads"},
+                     CollectSettings(device="cpu", batch_size=128, grad_fraction=0.25, param_grad_fraction=0.5))
+    assert int(capped.grad_batch_sizes.sum()) == 128  # never more than the feature-gradient rows (0.25 x 400 -> floor 128)
 
 
 class SharpNet(torch.nn.Module):

@@ -39,8 +39,9 @@ class GradientConflict(Diagnostic):
     interval is given. Read it on a checkpoint from training: on a converged model the fused
     gradients are mostly noise and the per-batch cosines spread whatever the balance (measured on
     the toy models after 1 epoch, DOMINANT audio/visual 0.93-0.96 / 0.07-0.63; converged, both
-    anywhere in -0.6..0.97). Cost: 1 forward, M fusion-head calls and M + 1 backward passes per
-    gradient batch, on the gradient subsample only. Source: MMPareto (GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py``).
+    anywhere in -0.6..0.97). Cost: 1 forward, M fusion-head calls and 2 backward passes (M + 1
+    when encoders share parameters) per gradient batch, on the parameter-gradient subsample only
+    (N/16 rows, at least 64: ``param_grad_fraction``). Source: MMPareto (GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py``).
     """
 
     name = "gradient_conflict"

@@ -123,9 +123,11 @@ class OGM(Diagnostic):
         """[bootstrap, M] mean_t rho^m_t of each resample (rows drawn with replacement, then batched),
         a chunk of resamples at a time."""
         starts = np.arange(0, conf.shape[0], int(self.batch_size))
+        columns = np.ascontiguousarray(conf.T)  # one modality at a time: a [chunk, n] gather each
         out = []
         for idx in bootstrap_indices(conf.shape[0], self.bootstrap, self.seed):
-            scores = np.add.reduceat(conf[idx], starts, axis=1)  # [chunk, n_batches, M]
+            # [chunk, n_batches, M]; half the time of gathering conf[idx] as one [chunk, n, M] block
+            scores = np.stack([np.add.reduceat(col[idx], starts, axis=1) for col in columns], axis=-1)
             out.append(ratios(scores).mean(axis=1))
         return np.concatenate(out, axis=0)
 

@@ -220,7 +220,7 @@ def _early_evidence(strength: tuple[float, ...], seed: int) -> Evidence:
     data = dataset_from_arrays(toy_split(strength, seed)[1])
     adapter = ModelAdapter(model, tuple(names_for(len(strength))))
     # every row in the gradient evidence (fraction 1), as in the measurements quoted below
-    settings = CollectSettings(device="cpu", seed=seed, batch_size=128, grad_fraction=1.0)
+    settings = CollectSettings(device="cpu", seed=seed, batch_size=128, grad_fraction=1.0, param_grad_fraction=1.0)
     return collect(adapter, data, {"param_grads"}, settings)
 
 

@@ -122,9 +122,9 @@ def test_hand_built_evidence_has_closed_form():
 def test_bootstrap_interval_matches_slow_resampling():
     ev = toy_evidence(DOMINANT, 0, kinds=KINDS)
     n_boot, n_ent, seed = 12, 5, 4
-    res = MDI(bootstrap=n_boot, entropy_bootstrap=n_ent, seed=seed, level=0.8).compute(ev)
-    g_rows = [row for idx in bootstrap_indices(ev.grad_x_act.shape[0], n_boot, seed) for row in idx]
-    h_rows = [row for idx in bootstrap_indices(ev.feature_rows.shape[0], n_ent, seed + 1) for row in idx]
+    res = MDI(bootstrap=n_boot, entropy_interval="exact", entropy_bootstrap=n_ent, seed=seed, level=0.8).compute(ev)
+    g_rows = [row for idx in bootstrap_indices(ev.grad_x_act.shape[0], n_boot, seed + 1) for row in idx]
+    h_rows = [row for idx in bootstrap_indices(ev.feature_rows.shape[0], n_ent, seed) for row in idx]
     draws, heads = [], []
     for b in range(n_boot):
         g = reference(ev, grad_rows=[int(i) for i in g_rows[b]])["Gs"]
@@ -138,6 +138,62 @@ def test_bootstrap_interval_matches_slow_resampling():
         assert res.ci[m] == pytest.approx(list(np.quantile(draws[:, j], [0.1, 0.9])), abs=1e-8)
     assert res.value_ci == pytest.approx(list(np.quantile(heads, [0.1, 0.9])), abs=1e-7)
     assert res.details["entropy_resamples"] == n_ent
+    assert res.details["entropy_interval"] == "exact"
+
+
+def weighted_entropy(x: np.ndarray, w: np.ndarray) -> float:
+    """Spectral entropy of the rows of x weighted by w: the weighted mean, then the singular values
+    of the weighted, centred rows (no re-centring)."""
+    mu = (w[:, None] * x).sum(0) / w.sum()
+    sv = np.linalg.svd((x - mu) * np.sqrt(w)[:, None], compute_uv=False)
+    q = sv[sv > 0] ** 2 / (sv ** 2).sum()
+    return float(-(q * np.log(q)).sum() / math.log(min(x.shape)))
+
+
+@pytest.mark.parametrize("n,d", [(300, 8), (12, 20)])
+def test_entropy_influence_is_the_derivative_of_a_row_weight(n, d):
+    from mmdiag.diagnostics.mdi import entropy_influence
+
+    rng = np.random.default_rng(n)
+    x = np.maximum(rng.normal(size=(n, d)) * np.linspace(0.3, 2.0, d) + rng.normal(size=(n, 1)), 0.0)
+    h, ell = entropy_influence(x)
+    assert h == pytest.approx(ref_entropy(x.tolist()), abs=1e-10)
+    assert h == pytest.approx(weighted_entropy(x, np.ones(n)), abs=1e-10)
+    assert ell.sum() == pytest.approx(0.0, abs=1e-12)
+    eps = 1e-5
+    for i in (0, 5, n - 1):
+        up, down = np.ones(n), np.ones(n)
+        up[i] += eps
+        down[i] -= eps
+        fd = (weighted_entropy(x, up) - weighted_entropy(x, down)) / (2 * eps)
+        assert ell[i] == pytest.approx(fd, rel=1e-4, abs=1e-9)
+
+
+def test_linear_entropy_interval_uses_every_resample_and_tracks_the_exact_bootstrap():
+    ev = toy_evidence(DOMINANT, 0, kinds=KINDS)
+    n_boot, seed = 400, 3
+    lin = MDI(bootstrap=n_boot, seed=seed, lam=0.0).compute(ev)  # lam = 0: the index is the entropy share
+    assert lin.details["entropy_interval"] == "linear" and lin.details["entropy_resamples"] == n_boot
+    # the first-order draws by hand: H + sum_i (c_i - 1) l_i from the resample counts
+    from mmdiag.diagnostics.mdi import entropy_influence
+
+    feats = {m: ev.features[m].double().numpy() for m in ev.modalities}
+    n = ev.feature_rows.shape[0]
+    hand = []
+    for idx in bootstrap_indices(n, n_boot, seed):
+        for row in idx:
+            c = np.bincount(row, minlength=n)
+            hs = [min(max(h + ((c - 1) * ell).sum(), 0.0), 1.0) for h, ell in map(entropy_influence, feats.values())]
+            hand.append(hs[0] / sum(hs))
+    assert lin.ci["audio"] == pytest.approx(list(np.quantile(hand, [0.025, 0.975])), abs=1e-9)
+    # and the interval is close to that of recomputing every resample's entropy
+    exact = MDI(bootstrap=n_boot, seed=seed, lam=0.0, entropy_interval="exact", entropy_bootstrap=n_boot).compute(ev)
+    width = exact.ci["audio"][1] - exact.ci["audio"][0]
+    assert width > 0
+    assert lin.ci["audio"] == pytest.approx(exact.ci["audio"], abs=0.25 * width)
+    held = MDI(bootstrap=n_boot, seed=seed, lam=0.0, entropy_interval="none").compute(ev)
+    assert held.ci["audio"][0] == held.ci["audio"][1] == pytest.approx(held.per_modality["audio"])
+    assert held.details["entropy_resamples"] == 0
 
 
 def test_without_bootstrap_no_intervals():
@@ -259,6 +315,8 @@ def test_rejects_bad_parameters_and_evidence():
         MDI(threshold=0.5)
     with pytest.raises(ConfigError):
         MDI(entropy_bootstrap=-1)
+    with pytest.raises(ConfigError, match="linear"):
+        MDI(entropy_interval="delta")
     with pytest.raises(ConfigError, match="margin"):
         MDI(target="logits")
     ev = tiny_evidence()
