@@ -47,7 +47,23 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
+
+def _cap_native_threads(argv: Sequence[str]) -> None:
+    """``--threads N`` caps numpy's BLAS and OpenMP pools too, not only torch's (set before numpy
+    loads: the pools read these variables once). Without it numpy's BLAS threads keep spinning
+    after the analysis's small matrix products and their busy-wait is billed to whatever runs next."""
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--threads=") else (
+            argv[i + 1] if arg == "--threads" and i + 1 < len(argv) else None)
+        if value:
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ.setdefault(var, value)
+
+
+if __name__ == "__main__":
+    _cap_native_threads(sys.argv[1:])
+
+import numpy as np  # noqa: E402
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -215,6 +231,9 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, Timing]:
 BUDGET_S = 40.0
 
 
+#: seconds after which the breakdown's rounds (every evidence kind once) stop repeating
+BREAKDOWN_BUDGET_S = 180.0
+
 #: short measurements repeat until their runs add up to this many seconds (at most SHORT_RUNS runs)
 SHORT_TOTAL_S = 2.0
 SHORT_RUNS = 15
@@ -359,11 +378,16 @@ def bench_cost(sizes: Sizes, device: torch.device, log: Callable[[str], None]) -
     data = in_memory(n, m_count, sizes.image)
     adapter = adapter_for(model)
     reps = sizes.extra_repeats
-    _, plain = median_timing(lambda: plain_pass(model, data, cs.batch_size, device), sizes.repeats)
-    _, base = median_timing(lambda: collect(adapter, data, set(), cs), reps)
+    # The plain pass, the main pass alone and the main pass with each kind take turns, so that a
+    # marginal time (a difference of two runs of several seconds) is not a change of machine load.
+    order = sorted(default_needs())
+    timings = interleaved_timings(
+        [lambda: plain_pass(model, data, cs.batch_size, device), lambda: collect(adapter, data, set(), cs)]
+        + [lambda kind=kind: collect(adapter, data, {kind}, cs) for kind in order],
+        sizes.repeats, budget_s=BREAKDOWN_BUDGET_S)
+    plain, base = timings[0][1], timings[1][1]
     kinds: dict[str, dict[str, float]] = {"(main pass: logits only)": {"wall": base.wall, "cpu": base.cpu}}
-    for kind in sorted(default_needs()):
-        _, t = median_timing(lambda: collect(adapter, data, {kind}, cs), reps)
+    for kind, (_, t) in zip(order, timings[2:]):
         kinds[kind] = {"wall": t.wall - base.wall, "cpu": t.cpu - base.cpu}
     ev = collect(adapter, data, default_needs(), cs)
     computes: dict[str, dict[str, float]] = {}
@@ -668,8 +692,11 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     for b in res["cost"]["breakdown"]:
         lines += ["", f"Where the time goes, M={b['M']}, N={b['N']} (plain pass {b['plain_s']:.3f} s wall, "
                   f"{b['plain_cpu_s']:.3f} s cpu): marginal "
-                  "collection time of each evidence kind (collect with that kind alone minus collect with none), "
-                  "and each diagnostic's compute() on the collected evidence.", "",
+                  "collection time of each evidence kind (collect with that kind alone minus collect with none; "
+                  f"medians of up to {res['repeats']} rounds in which the plain pass and every collect take turns, "
+                  f"at most {BREAKDOWN_BUDGET_S:g} s of rounds), "
+                  "and each diagnostic's compute() on the collected evidence. Marginal times within about 0.05 "
+                  "pass of zero are noise on a shared machine (some come out negative).", "",
                   "| part | wall s | cpu s | x plain pass (cpu) |", "|---|---|---|---|"]
         for k, t in b["collect"].items():
             lines.append(f"| collect: {k} | {t['wall']:.3f} | {t['cpu']:.3f} | {t['cpu'] / b['plain_cpu_s']:.2f} |")
