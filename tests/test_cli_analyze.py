@@ -119,16 +119,19 @@ def test_call_and_encoder_flags_and_input_masking(workspace, tmp_path):
     assert settings["mask_at"] == "input" and settings["mask"] == "mean"
 
 
+def write_config(folder, workspace, body: str) -> None:
+    """``folder/mmdiag.toml`` naming the workspace's toy model, checkpoint and test data, then ``body``."""
+    head = f'model = "{workspace}/models.py:toy"\ncheckpoint = "{workspace}/toy.pt"\ndata = "{workspace}/test.npz"\n'
+    (folder / "mmdiag.toml").write_text(head + textwrap.dedent(body))
+
+
 def test_config_file_is_used_and_flags_win(workspace, tmp_path):
-    (tmp_path / "mmdiag.toml").write_text(textwrap.dedent(f'''
-        model = "{workspace}/models.py:toy"
-        checkpoint = "{workspace}/toy.pt"
-        data = "{workspace}/test.npz"
+    write_config(tmp_path, workspace, '''
         bootstrap = 30
         seed = 3
         only = "shapley,unimodal"
         out = "from-config"
-    '''))
+    ''')
     res = run(["analyze", "--seed", "4", "--device", "cpu"], cwd=tmp_path)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "from-config" / "report.json").read_text())
@@ -146,10 +149,7 @@ def test_config_unknown_key_suggests_closest(tmp_path):
 
 
 def test_collect_table_sets_evidence_sampling(workspace, tmp_path):
-    (tmp_path / "mmdiag.toml").write_text(textwrap.dedent(f'''
-        model = "{workspace}/models.py:toy"
-        checkpoint = "{workspace}/toy.pt"
-        data = "{workspace}/test.npz"
+    write_config(tmp_path, workspace, '''
         bootstrap = 20
         only = "attribution"
         out = "o"
@@ -159,7 +159,7 @@ def test_collect_table_sets_evidence_sampling(workspace, tmp_path):
         ig_steps = 4
         ig_max_steps = 4
         noise_levels = [1, 3, 5]
-    '''))
+    ''')
     res = run(["analyze", "--device", "cpu"], cwd=tmp_path)
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o" / "report.json").read_text())

@@ -25,6 +25,22 @@ from mmdiag.report import Result
 SHARE_FLOOR = 1e-6
 
 
+def _spectrum_entropy(eigenvalues: np.ndarray, rank: int) -> tuple[float, np.ndarray, np.ndarray, float]:
+    """(H, q, log q, sum lambda) of a scatter's eigenvalues (clipped at 0), H = -sum q log q / log rank.
+
+    log q is 0 where q is 0 (those terms contribute nothing). A zero or non-finite spectrum gives
+    H = 0 and a sum of 0.
+    """
+    lam = np.clip(eigenvalues, 0.0, None)
+    total = float(lam.sum())
+    if not np.isfinite(total) or total <= 0.0:
+        zeros = np.zeros_like(lam)
+        return 0.0, zeros, zeros, 0.0
+    q = lam / total
+    log_q = np.log(np.where(q > 0, q, 1.0))
+    return float(-(q * log_q).sum() / math.log(rank)), q, log_q, total
+
+
 def spectral_entropy(x: np.ndarray) -> float:
     """Normalised spectral entropy of the rows of ``x`` [n, d] (centred over the rows).
 
@@ -42,13 +58,7 @@ def spectral_entropy(x: np.ndarray) -> float:
     else:
         xc = x - mean
         gram = xc @ xc.T
-    lam = np.clip(np.linalg.eigvalsh(gram), 0.0, None)
-    total = lam.sum()
-    if not np.isfinite(total) or total <= 0.0:
-        return 0.0
-    q = lam / total
-    q = q[q > 0]
-    return float(-(q * np.log(q)).sum() / math.log(min(n, d)))
+    return _spectrum_entropy(np.linalg.eigvalsh(gram), min(n, d))[0]
 
 
 def entropy_influence(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -73,14 +83,10 @@ def entropy_influence(x: np.ndarray) -> tuple[float, np.ndarray]:
     else:  # the n x n Gram matrix: the coordinate of row i on v_j is u_ij sqrt(lambda_j)
         lam, vecs = np.linalg.eigh(xc @ xc.T)
         proj2 = vecs ** 2 * np.clip(lam, 0.0, None)
-    lam = np.clip(lam, 0.0, None)
-    total = lam.sum()
-    if not np.isfinite(total) or total <= 0.0:
+    h, q, log_q, total = _spectrum_entropy(lam, min(n, d))
+    if total == 0.0:
         return 0.0, np.zeros(n)
-    q = lam / total
     log_r = math.log(min(n, d))
-    log_q = np.log(np.where(q > 0, q, 1.0))
-    h = float(-(q * log_q).sum() / log_r)
     g = np.where(q > 0, (-log_q - h * log_r) / (total * log_r), 0.0)
     return h, proj2 @ g
 
