@@ -25,17 +25,34 @@ when it does not hold.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mmdiag.errors import AdapterError, ConfigError
-from mmdiag.registry import closest
+from mmdiag.categorical import categorical_baseline, check_mask_index, is_categorical
+from mmdiag.detect import (  # noqa: F401 - re-exported: the adapter is where users look for them
+    CallStyle,
+    detect_call_style,
+    find_encoders,
+    find_head,
+    find_module,
+    unwrap,
+)
+from mmdiag.errors import AdapterError, ConfigError, MmdiagError, user_code_error, user_frame
+from mmdiag.pooling import Layout, check_mode, pool, record_layers
+from mmdiag.replay import replay_mismatch
+from mmdiag.tensors import (  # noqa: F401 - re-exported
+    as_class_logits,
+    clone_tree,
+    first_tensor,
+    logits_of,
+    map_tensors,
+    tensor_leaves,
+    unsupported_container,
+)
 
-CallStyle = Literal["dict", "kwargs", "positional"]
 MaskKind = Literal["zero", "mean", "noise"]
 MaskAt = Literal["input", "feature"]
 
@@ -43,120 +60,20 @@ CALL_STYLES: tuple[str, ...] = ("dict", "kwargs", "positional")
 MASK_KINDS: tuple[str, ...] = ("zero", "mean", "noise")
 MASK_LEVELS: tuple[str, ...] = ("input", "feature")
 
-# Names that a fusion head commonly goes by in research code, most specific first.
-_HEAD_NAMES = ("fusion_head", "fusion_module", "fusion", "head", "classifier", "fc_out", "cls", "fc")
+#: Exceptions from the user's forward that mean "the data or the call convention does not fit".
+_FIT_ERRORS = (TypeError, RuntimeError, ValueError, IndexError, KeyError)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module) and inner is not model:
-            model = inner
-        else:
-            return model
-
-
-def detect_call_style(model: nn.Module, modalities: Sequence[str]) -> CallStyle:
-    """Guess how ``model.forward`` takes its inputs from its signature.
-
-    Keyword style when every modality name is a parameter name; dict style when forward takes one
-    parameter not named like a modality; positional otherwise (in the order of ``modalities``).
-    """
-    try:
-        params = [
-            p
-            for p in inspect.signature(unwrap(model).forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        ]
-    except (TypeError, ValueError):
-        return "positional"
-    names = [p.name for p in params]
-    if all(m in names for m in modalities):
-        return "kwargs"
-    required = [p for p in params if p.default is p.empty]
-    if len(required) == 1 and len(modalities) > 1:
-        return "dict"
-    return "positional"
-
-
-def logits_of(output: Any) -> Tensor:
-    """The logits in a model's output: a tensor, a mapping or object with ``logits``, or a tuple's first item."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if "logits" in output:
-            return output["logits"]
-        raise AdapterError(
-            f"The model returned a mapping with keys {sorted(map(str, output))}; expected a "
-            "'logits' entry holding a [batch, classes] tensor. Return the logits, or a dict with 'logits'."
-        )
-    if hasattr(output, "logits") and isinstance(output.logits, Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise AdapterError(
-        f"The model returned {type(output).__name__}; expected a [batch, classes] logits tensor, "
-        "a dict with 'logits', or a tuple whose first item is the logits."
-    )
-
-
-def find_module(root: nn.Module, name: str) -> nn.Module:
-    """The submodule at dotted path ``name``; ConfigError with the closest name otherwise."""
-    modules = dict(root.named_modules())
-    if name not in modules:
-        known = [n for n in modules if n]
-        near = closest(name, known)
-        hint = f" Did you mean {near!r}?" if near else ""
-        raise ConfigError(
-            f"The model has no submodule named {name!r}.{hint} Top-level submodules: "
-            f"{', '.join(n for n, _ in root.named_children()) or '(none)'}."
-        )
-    return modules[name]
-
-
-def find_encoders(root: nn.Module, modalities: Sequence[str]) -> dict[str, str] | None:
-    """Encoder submodule names found from module names that contain the modality names.
-
-    For each modality, the shallowest submodule whose own name (last path component) contains the
-    modality name. Returns ``None`` unless every modality has exactly one such shallowest module
-    and no module is claimed twice.
-    """
-    found: dict[str, str] = {}
-    names = [n for n, _ in root.named_modules() if n]
-    for m in modalities:
-        hits = [n for n in names if m.lower() in n.rsplit(".", 1)[-1].lower()]
-        if not hits:
-            return None
-        depth = min(h.count(".") for h in hits)
-        top = [h for h in hits if h.count(".") == depth]
-        if len(top) != 1:
-            return None
-        found[m] = top[0]
-    if len(set(found.values())) != len(found):
-        return None
-    # A modality name that is a substring of another (e.g. "rgb" in "rgbd") must not claim the same
-    # tree twice: no encoder may contain another.
-    paths = list(found.values())
-    for a in paths:
-        for b in paths:
-            if a != b and b.startswith(a + "."):
-                return None
-    return found
-
-
-def find_head(root: nn.Module, encoders: Mapping[str, str] | None) -> str | None:
-    """A fusion-head submodule by conventional name, outside the encoders, or ``None``."""
-    children = dict(root.named_children())
-    enc_roots = {e.split(".")[0] for e in (encoders or {}).values()}
-    for name in _HEAD_NAMES:
-        if name in children and name not in enc_roots:
-            return name
-    return None
+class EncoderCallError(AdapterError):
+    """A named encoder did not run exactly once in a forward, so its output cannot be replayed."""
 
 
 class _Stub(nn.Module):
-    """Stands in for an encoder and returns a fixed output (a cached or masked feature)."""
+    """Stands in for an encoder and returns a fixed output (a cached or masked feature).
+
+    Each call returns a fresh copy, so a model that fuses in place writes into the copy, never into
+    the features the adapter keeps (and the next replay starts from the same values).
+    """
 
     def __init__(self, value: Any) -> None:
         super().__init__()
@@ -165,47 +82,7 @@ class _Stub(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        return self.value
-
-
-def map_tensors(fn: Any, obj: Any) -> Any:
-    """Apply ``fn`` to every tensor in a nested tuple/list/dict structure."""
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(map_tensors(fn, o) for o in obj)
-    if isinstance(obj, list):
-        return [map_tensors(fn, o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: map_tensors(fn, v) for k, v in obj.items()}
-    return obj
-
-
-def first_tensor(obj: Any) -> Tensor:
-    """The first tensor in a nested output (an encoder that returns a tuple, for instance)."""
-    if isinstance(obj, Tensor):
-        return obj
-    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
-    for o in items:
-        try:
-            return first_tensor(o)
-        except AdapterError:
-            continue
-    raise AdapterError(f"An encoder returned {type(obj).__name__} with no tensor in it.")
-
-
-def pool(feature: Any) -> Tensor:
-    """A per-sample vector from an encoder output: [B, D] kept; [B, C, ...] averaged over the trailing axes.
-
-    The convention treats axis 1 as channels (CNN layout); a transformer's [B, T, D] output should
-    be pooled by the encoder itself (return the CLS token or the mean) to get per-channel features.
-    """
-    t = first_tensor(feature)
-    if t.dim() == 1:
-        return t[:, None]
-    if t.dim() == 2:
-        return t
-    return t.flatten(2).mean(dim=2)
+        return clone_tree(self.value)
 
 
 @dataclass
@@ -226,9 +103,15 @@ class ModelAdapter:
         call: ``dict``, ``kwargs`` or ``positional``; detected from ``forward``'s signature if None.
         encoders: modality -> dotted submodule name of its encoder; found from module names if None.
         head: dotted name of the fusion head (used for the linear concat-head split); found if None.
-        mask: how an absent modality is filled: ``zero``, ``mean`` or ``noise``.
+        mask: how an absent modality is filled: ``zero``, ``mean`` or ``noise`` (an integer input: ``mask_index``).
         mask_at: ``feature`` (encoder outputs; default when encoders are known) or ``input``.
         seed: seeds the noise mask.
+        pool_mode: how encoder outputs of rank 3 and more become one vector per sample for the
+            feature diagnostics: ``mean``, ``first`` or ``flatten`` (see :mod:`mmdiag.pooling`).
+
+    After :meth:`verify`, ``warnings`` holds every change of method (input instead of feature
+    masking, a black-box run) with its cause, ``output_kind`` says how the logits were read
+    (``multiclass`` or ``binary``) and ``layouts`` how each encoder output is pooled.
     """
 
     model: nn.Module
@@ -239,7 +122,13 @@ class ModelAdapter:
     mask: MaskKind = "zero"
     mask_at: MaskAt | None = None
     seed: int = 0
+    mask_index: int = 0
+    pool_mode: str = "mean"
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    output_kind: str | None = None
+    black_box_reason: str | None = None
+    layouts: dict[str, Layout] = field(default_factory=dict)
     input_stats: MaskStats = field(default_factory=MaskStats)
     feature_stats: MaskStats = field(default_factory=MaskStats)
 
@@ -254,6 +143,7 @@ class ModelAdapter:
             raise ConfigError(f"Modality names must be unique; found {list(self.modalities)}.")
         if self.mask not in MASK_KINDS:
             raise ConfigError(f"--mask must be one of {', '.join(MASK_KINDS)}; found {self.mask!r}.")
+        check_mask_index(self.mask_index)
         if self.call is None:
             self.call = detect_call_style(self.model, self.modalities)
             self.notes.append(f"call convention detected from forward's signature: {self.call}")
@@ -268,9 +158,14 @@ class ModelAdapter:
                     "encoders found from module names: " + ", ".join(f"{m}={n}" for m, n in found.items())
                 )
             else:
-                self.notes.append(
-                    "no encoder submodule found for every modality (name them with --encoder "
-                    "MODALITY=MODULE): the model is treated as a black box; encoder-level diagnostics are skipped"
+                self.black_box_reason = (
+                    "no encoder submodule is named like each modality (name them with --encoder MODALITY=MODULE)"
+                )
+                self.warnings.append(
+                    "no encoder submodule is named like each modality, so the model is driven as a "
+                    "black box: absent modalities are masked at the input and the encoder-level "
+                    "diagnostics are skipped. Name each modality's encoder (--encoder MODALITY=MODULE) "
+                    "to mask at the encoder output."
                 )
         else:
             unknown = [m for m in self.encoders if m not in self.modalities]
@@ -286,6 +181,13 @@ class ModelAdapter:
                 )
             for name in self.encoders.values():
                 find_module(root, name)
+            shared = sorted({n for n in self.encoders.values() if list(self.encoders.values()).count(n) > 1})
+            if shared:
+                self._give_up_encoders(
+                    f"the encoder {shared[0]!r} is named for several modalities, so its output cannot "
+                    "be replaced for one modality alone"
+                )
+        check_mode(self.pool_mode)
         if self.head is None:
             self.head = find_head(root, self.encoders)
         else:
@@ -307,11 +209,13 @@ class ModelAdapter:
         return bool(self.encoders)
 
     def call_model(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Run the model on a batch of modality tensors; returns validated logits [B, C].
+        """Run the model on a batch of modality tensors; returns validated class logits [B, C].
 
-        An exception raised by the model's forward becomes an :class:`AdapterError` that shows the
-        call convention and the input shapes, because it almost always means the data or the
-        convention does not fit the model.
+        A binary classifier's single logit ([B] or [B, 1]) is returned as the two-class logits
+        [0, z] (see :func:`mmdiag.tensors.as_class_logits`). An exception raised by the model's
+        forward becomes an error that keeps the model's own message and names the file and line
+        where it was raised; errors that usually mean a misfit of data and model (type, shape,
+        index errors) also show the call convention and the input shapes.
         """
         try:
             if self.call == "dict":
@@ -320,22 +224,29 @@ class ModelAdapter:
                 out = self.model(**{m: inputs[m] for m in self.modalities})
             else:
                 out = self.model(*[inputs[m] for m in self.modalities])
-        except (TypeError, RuntimeError, ValueError, IndexError, KeyError) as exc:
+        except MmdiagError:
+            raise
+        except _FIT_ERRORS as exc:
             shapes = ", ".join(f"{m}={tuple(inputs[m].shape)}:{str(inputs[m].dtype).replace('torch.', '')}"
                                for m in self.modalities)
+            where = user_frame(exc)
+            at = f" at {where[0]}:{where[1]}" if where else ""
             raise AdapterError(
-                f"The model's forward raised {type(exc).__name__}: {exc}. It was called with "
-                f"{self.call} inputs ({shapes}). Check --modalities (names and order), --call "
-                "dict|kwargs|positional, and that the data has the shapes the model expects."
+                f"The model's forward raised {type(exc).__name__}{at}: {exc}. It was called with "
+                f"{self.call} inputs ({shapes}). Check the modality names and order, the call "
+                "convention (--call dict|kwargs|positional), and that the data has the shapes the model expects."
             ) from exc
-        logits = logits_of(out)
+        except Exception as exc:  # noqa: BLE001 - the user's own checks (AssertionError, custom errors)
+            raise user_code_error(exc, "running the model's forward") from exc
         batch = next(iter(inputs.values())).shape[0]
-        if logits.dim() != 2 or logits.shape[0] != batch:
-            raise AdapterError(
-                f"The model's logits have shape {tuple(logits.shape)}; expected [batch={batch}, classes]. "
-                "Check the forward convention (--call dict|kwargs|positional) and that the model returns "
-                "class logits."
-            )
+        logits, kind = as_class_logits(logits_of(out), batch)
+        if self.output_kind is None:
+            self.output_kind = kind
+            if kind == "binary":
+                self.notes.append(
+                    "the model returns one logit per sample: read as a binary classifier (class 1 when "
+                    "the logit is above 0), with two-class logits [0, z]"
+                )
         return logits
 
     def _module(self, name: str) -> nn.Module:
@@ -384,14 +295,24 @@ class ModelAdapter:
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[dict[str, Any]]:
-        """Record each encoder's output during a forward (dict filled as the encoders run)."""
+        """Record each encoder's output during a forward (filled as encoders run).
+
+        The hook keeps the encoder's own output and hands the rest of the model a copy, so a
+        model that fuses in place changes the copy, never the recorded features; gradients of the
+        model's logits still reach the recorded tensors (the copy is their child in the graph).
+        ``captured["__calls__"]`` counts the calls of each encoder.
+        """
         captured: dict[str, Any] = {}
+        calls: dict[str, int] = {m: 0 for m in self.modalities}
         handles = []
         try:
             for m in self.modalities:
-                def hook(_mod: nn.Module, _inp: Any, out: Any, m: str = m) -> None:
+                def hook(_mod: nn.Module, _inp: Any, out: Any, m: str = m) -> Any:
+                    calls[m] += 1
                     captured[m] = out
+                    return clone_tree(out)
                 handles.append(self.encoder_module(m).register_forward_hook(hook))
+            captured["__calls__"] = calls
             yield captured
         finally:
             for h in handles:
@@ -401,11 +322,20 @@ class ModelAdapter:
         """One full forward; returns the fused logits and every encoder's (unpooled) output."""
         with self.capture() as captured:
             logits = self.call_model(inputs)
-        missing = [m for m in self.modalities if m not in captured]
+        calls = captured.pop("__calls__")
+        missing = [m for m in self.modalities if not calls[m]]
         if missing:
-            raise AdapterError(
-                f"The encoder of {', '.join(missing)} ({', '.join(self.encoders[m] for m in missing)}) "  # type: ignore[index]
-                "was not called during forward. Name the module that encodes each modality with --encoder."
+            raise EncoderCallError(
+                f"the encoder of {', '.join(missing)} ({', '.join(self.encoders[m] for m in missing)}) "  # type: ignore[index]
+                "was not called during forward: it is not the module that encodes that modality."
+            )
+        repeated = [m for m in self.modalities if calls[m] > 1]
+        if repeated:
+            m = repeated[0]
+            raise EncoderCallError(
+                f"the encoder of {m} ({self.encoders[m]}) ran {calls[m]} times in one forward (shared "  # type: ignore[index]
+                "between modalities, or applied more than once), so its output cannot be replaced for "
+                f"{m} alone"
             )
         return logits, dict(captured)
 
@@ -419,12 +349,14 @@ class ModelAdapter:
             return self.call_model(inputs)
 
     # ------------------------------------------------------------------ masking
-    def _baseline_like(self, value: Tensor, stats: MaskStats, m: str, generator: torch.Generator | None) -> Tensor:
+    def _baseline_like(self, value: Tensor, stats: MaskStats, m: str, generator: torch.Generator | None, at: str = "feature") -> Tensor:
+        if at == "input" and is_categorical(value):  # category indices: one stated index (mmdiag.categorical)
+            return categorical_baseline(value, m, self.mask, self.mask_index)
         if self.mask == "zero" or m not in stats.mean:
             return torch.zeros_like(value)
         mean = torch.as_tensor(stats.mean[m], dtype=value.dtype, device=value.device).expand_as(value)
         if self.mask == "mean" or not value.dtype.is_floating_point:
-            # integer inputs (token ids) cannot carry Gaussian noise: they get the rounded mean
+            # an integer tensor inside an encoder output cannot carry Gaussian noise: the rounded mean
             return mean.clone()
         std = torch.as_tensor(stats.std[m], dtype=value.dtype, device=value.device).expand_as(value)
         noise = torch.randn(value.shape, generator=generator, dtype=value.dtype, device="cpu").to(value.device)
@@ -435,7 +367,7 @@ class ModelAdapter:
     ) -> dict[str, Tensor]:
         """The batch with every modality not in ``present`` replaced by its input-level baseline."""
         return {
-            m: (inputs[m] if m in present else self._baseline_like(inputs[m], self.input_stats, m, generator))
+            m: (inputs[m] if m in present else self._baseline_like(inputs[m], self.input_stats, m, generator, "input"))
             for m in self.modalities
         }
 
@@ -480,42 +412,53 @@ class ModelAdapter:
             "head": self.head,
             "mask": self.mask,
             "mask_at": self.mask_at,
+            "output": self.output_kind,
+            "pooling": {m: lay.describe(self.pool_mode) for m, lay in self.layouts.items()} or None,
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
         }
+
+    def pooled(self, m: str, feature: Any) -> Tensor:
+        """Modality ``m``'s encoder output as one vector per sample (see :mod:`mmdiag.pooling`)."""
+        return pool(feature, self.layouts.get(m), self.pool_mode)
+
+    def _give_up_encoders(self, reason: str) -> None:
+        """Fall back to input masking (a change of method: recorded as a warning with its cause)."""
+        self.warnings.append(
+            f"feature-level masking is not exact for this model: {reason}. Absent modalities are "
+            "masked at the input instead, and the encoder-level diagnostics are skipped. To mask at "
+            "the encoder output, name as each modality's encoder (--encoder MODALITY=MODULE) a "
+            "module that runs once per forward and is that modality's only path to the fusion."
+        )
+        self.black_box_reason = f"feature-level masking was given up: {reason}"
+        self.encoders = None
+        self.mask_at = "input"
+        self.layouts = {}
+
+    def _encode_recording(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Any], dict[str, Any]]:
+        """:meth:`encode`, also recording the layers that ran inside each encoder (for the layouts)."""
+        with contextlib.ExitStack() as stack:
+            layers = {m: stack.enter_context(record_layers(self.encoder_module(m))) for m in self.modalities}
+            logits, feats = self.encode(inputs)
+        return logits, feats, layers
 
     def verify(self, inputs: Mapping[str, Tensor], atol: float = 1e-4) -> None:
         """Check the adapter against one real batch, falling back to input masking if needed.
 
-        Runs the model once (validating the logits), and when masking at the feature level, checks
-        that feeding the captured encoder outputs back through stubbed encoders reproduces the
-        logits even when the raw inputs are zeroed. If it does not (the model reuses an encoder, or
-        a modality bypasses its encoder),
-        feature-level masking would be wrong: the adapter switches to input masking and says why.
+        Runs the model once (validating the logits). When encoders are known, checks that replaying
+        the captured encoder outputs is exact (see :func:`mmdiag.replay.replay_mismatch`); if it is not (an
+        encoder shared or reused, a modality that bypasses its encoder, an output mmdiag cannot
+        rebuild), feature-level masking would give wrong numbers: the adapter switches to input
+        masking and records why in ``warnings``.
         """
         with torch.no_grad():
             if not self.encoders:
                 self.call_model(inputs)
                 return
             try:
-                logits, feats = self.encode(inputs)
-                # Replay with the inputs zeroed: if the logits still match, each modality reaches
-                # the rest of the network only through its encoder's output.
-                blank = {m: torch.zeros_like(t) for m, t in inputs.items()}
-                replay = self.head_forward(blank, feats)
-                calls_ok = True
-            except AdapterError as exc:
-                if self.mask_at == "feature":
-                    self.notes.append(f"feature-level masking unavailable ({exc}); masking inputs instead")
-                    self.mask_at = "input"
-                self.encoders = None
+                reason = replay_mismatch(self, inputs, atol)
+            except EncoderCallError as exc:
+                reason = str(exc).rstrip(".")
+            if reason:
+                self._give_up_encoders(reason)
                 self.call_model(inputs)
-                return
-            same = replay.shape == logits.shape and torch.allclose(replay, logits, atol=atol, rtol=1e-4)
-            if not (same and calls_ok):
-                self.notes.append(
-                    "replaying cached encoder outputs did not reproduce the model's logits (a modality "
-                    "reaches the head outside its encoder, or the model is stochastic in eval mode); "
-                    "masking inputs instead and skipping encoder-level diagnostics"
-                )
-                self.mask_at = "input"
-                self.encoders = None

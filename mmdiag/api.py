@@ -9,6 +9,8 @@ saved earlier (a GPU job collects, a CPU job diagnoses).
 from __future__ import annotations
 
 import platform
+from dataclasses import fields
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -20,11 +22,18 @@ from mmdiag._version import __version__
 from mmdiag.adapter import ModelAdapter
 from mmdiag.collect import CollectSettings, ProgressFn, collect
 from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic
-from mmdiag.errors import ConfigError, MmdiagError
+from mmdiag.errors import ConfigError, MmdiagError, MmdiagWarning
 from mmdiag.evidence import ENCODER_KINDS, Evidence
 from mmdiag.report import Failure, Report, Result, json_safe
-from mmdiag.stats import shared_resamples
+from mmdiag.stats import shared_resamples, within_chance
+from mmdiag.registry import closest
+from mmdiag.validation import BOOTSTRAP, SEED, check_annotated
 from mmdiag.verdict import VerdictThresholds, judge
+
+
+def check_analysis(bootstrap: Any, seed: Any) -> tuple[int, int]:
+    """``bootstrap`` (an integer >= 0) and ``seed`` (an integer >= 0), checked; ConfigError otherwise."""
+    return BOOTSTRAP.check(bootstrap, "bootstrap"), SEED.check(seed, "seed")
 
 
 def select_diagnostics(only: Sequence[str] | None = None, skip: Sequence[str] | None = None) -> list[str]:
@@ -52,7 +61,8 @@ def select_diagnostics(only: Sequence[str] | None = None, skip: Sequence[str] | 
 
 def build_diagnostics(names: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None = None,
                       bootstrap: int = 1000, seed: int = 0) -> list[Diagnostic]:
-    """Instantiate diagnostics with their parameters; unknown parameters are a ConfigError."""
+    """Instantiate diagnostics with their parameters; unknown parameters or wrong types are a ConfigError."""
+    bootstrap, seed = check_analysis(bootstrap, seed)
     params = dict(params or {})
     unknown = set(params) - set(DIAGNOSTICS.names())
     if unknown:
@@ -63,10 +73,13 @@ def build_diagnostics(names: Sequence[str], params: Mapping[str, Mapping[str, An
         kw = dict(params.get(n, {}))
         bad = [k for k in kw if k not in cls.param_names()]
         if bad:
+            near = closest(bad[0], cls.param_names())
             raise ConfigError(
                 f"Diagnostic {n!r} has no parameter {bad[0]!r}; its parameters are: "
-                f"{', '.join(cls.param_names()) or '(none)'}."
+                f"{', '.join(cls.param_names()) or '(none)'}." + (f" Did you mean {near!r}?" if near else "")
             )
+        types = {f.name: f.type for f in fields(cls)}
+        kw = {k: check_annotated(v, types.get(k), f"parameter {k!r} of diagnostic {n!r}") for k, v in kw.items()}
         try:
             out.append(cls(bootstrap=bootstrap, seed=seed, **kw))
         except (TypeError, ValueError) as exc:
@@ -96,7 +109,10 @@ def run_diagnostics(ev: Evidence, diagnostics: Sequence[Diagnostic]) -> tuple[di
         missing = [k for k in d.needs if not ev.has(k)]
         if missing:
             reason = "; ".join(f"{k}: {unavailable.get(k, 'not collected')}" for k in missing)
-            kind = "skipped" if any(k in ENCODER_KINDS for k in missing) and not ev.meta.get("encoders") else "error"
+            # skipped (not applicable): encoder evidence of a black box, or a kind the setup ruled out
+            ruled_out = set(ev.meta.get("skipped_kinds", ()))
+            black_box = any(k in ENCODER_KINDS for k in missing) and not ev.meta.get("encoders")
+            kind = "skipped" if black_box or any(k in ruled_out for k in missing) else "error"
             failures.append(Failure(d.name, f"needs {', '.join(missing)} evidence ({reason})", kind))
             continue
         try:
@@ -106,6 +122,19 @@ def run_diagnostics(ev: Evidence, diagnostics: Sequence[Diagnostic]) -> tuple[di
         except Exception as exc:  # noqa: BLE001 - a crashing diagnostic must not kill the run
             failures.append(Failure(d.name, f"{type(exc).__name__}: {exc}", "error"))
     return results, failures
+
+
+def reading_notes(ev: Evidence, accuracy: float) -> list[str]:
+    """What changes how the report's numbers read: the adapter's changes of method, chance accuracy."""
+    notes = [str(w) for w in ev.meta.get("warnings") or []]
+    at_chance, p0 = within_chance(accuracy, ev.labels.numpy(), ev.n_classes)
+    if at_chance:
+        notes.append(
+            f"the fused accuracy {accuracy:.3f} is within sampling noise of chance ({p0:.3f}, the larger of "
+            f"1/{ev.n_classes} and the majority-class rate, on {ev.n_samples} samples): the model may be "
+            "untrained, or its weights not loaded, and its modality contributions have little to measure"
+        )
+    return notes
 
 
 def analyze_evidence(ev: Evidence, *, only: Sequence[str] | None = None, skip: Sequence[str] | None = None,
@@ -119,10 +148,12 @@ def analyze_evidence(ev: Evidence, *, only: Sequence[str] | None = None, skip: S
         results, failures = run_diagnostics(ev, diagnostics)
     t = thresholds or VerdictThresholds()
     verdict = judge(results, ev.modalities, t)
+    accuracy = float(ev.correct().double().mean())
     return Report(
         modalities=list(ev.modalities),
         n_samples=ev.n_samples,
-        accuracy=float(ev.correct().mean()),
+        accuracy=accuracy,
+        notes=reading_notes(ev, accuracy),
         settings=json_safe({
             **dict(settings or {}),
             "mask": ev.meta.get("mask"),
@@ -132,7 +163,8 @@ def analyze_evidence(ev: Evidence, *, only: Sequence[str] | None = None, skip: S
             "diagnostics": names,
             "params": {d.name: d.params() for d in diagnostics},
             "thresholds": t.__dict__,
-            "adapter": {k: ev.meta.get(k) for k in ("call", "encoders", "head", "notes")},
+            "adapter": {k: ev.meta.get(k) for k in ("call", "encoders", "head", "output", "pooling", "notes",
+                                                    "warnings")},
             "collect": ev.meta.get("settings"),
             "device": ev.meta.get("device"),
             "head_split": ev.meta.get("head_split"),
@@ -156,6 +188,7 @@ def analyze(
     head: str | None = None,
     mask: str = "zero",
     mask_at: str | None = None,
+    mask_index: int = 0,
     only: Sequence[str] | None = None,
     skip: Sequence[str] | None = None,
     params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -175,7 +208,7 @@ def analyze(
         model: the user's ``nn.Module`` returning logits [B, C] (or a dict/tuple holding them).
         data: a Dataset of dict items (modalities + ``label``), a DataLoader, or a dict of arrays.
         modalities: names in positional order; inferred from the data when None.
-        call, encoders, head, mask, mask_at: how to drive the model (see :class:`ModelAdapter`).
+        call, encoders, head, mask, mask_at, mask_index: how to drive the model (see :class:`ModelAdapter`).
         only, skip: diagnostic selection (default: the default suite).
         params: diagnostic name -> parameter overrides.
         bootstrap, seed: bootstrap resamples and the seed of everything random.
@@ -187,16 +220,17 @@ def analyze(
         probe_data: separate data to train linear probes on (features of ``data`` are then the test set).
         return_evidence: also return the collected :class:`Evidence`.
     """
+    check_analysis(bootstrap, seed)
     dataset = as_dataset(data, modalities, nan_policy)
     if modalities is None:
         modalities = getattr(dataset, "modalities", None) or getattr(getattr(dataset, "dataset", None), "modalities", None)
         if modalities is None:
             raise ConfigError("Cannot infer the modalities from this data; pass modalities=[...] (--modalities a,b).")
+    names = select_diagnostics(only, skip)  # settings errors before the model is driven
+    diagnostics = build_diagnostics(names, params, bootstrap, seed)
     adapter = ModelAdapter(model, tuple(modalities), call=call,  # type: ignore[arg-type]
                            encoders=dict(encoders) if encoders else None, head=head,
-                           mask=mask, mask_at=mask_at, seed=seed)  # type: ignore[arg-type]
-    names = select_diagnostics(only, skip)
-    diagnostics = build_diagnostics(names, params, bootstrap, seed)
+                           mask=mask, mask_at=mask_at, mask_index=mask_index, seed=seed)  # type: ignore[arg-type]
     needs = set().union(*(d.needs for d in diagnostics))
     cs = collect_settings or CollectSettings()
     cs = CollectSettings(**{**cs.__dict__, "seed": seed})
@@ -208,6 +242,8 @@ def analyze(
         ev.probe_labels = None if probe_ev.feature_rows is None else probe_ev.labels[probe_ev.feature_rows]
     report = analyze_evidence(ev, only=names, params=params, bootstrap=bootstrap, seed=seed,
                               thresholds=thresholds, settings=settings)
+    for note in report.notes:
+        warnings.warn(note, MmdiagWarning, stacklevel=2)
     dropped = getattr(dataset, "dropped", 0)
     if dropped:
         report.settings["nan_dropped"] = int(dropped)

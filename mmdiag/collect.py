@@ -15,9 +15,10 @@ diagnostics need (see :data:`mmdiag.evidence.EVIDENCE_KINDS`):
 
 Rows are visited in a seeded shuffled order (so within-batch permutations mix classes even when
 the file is sorted by label); ``Evidence.index`` maps each row back to the dataset index. An
-optional evidence kind that fails (say, Integrated Gradients on integer token inputs) does not stop
+optional evidence kind that fails (say, parameter gradients of a frozen encoder) does not stop
 the pass: the reason is stored in ``meta['unavailable']`` and the diagnostics that need it fail
-with that reason.
+with that reason. A kind that the setup rules out (attribution of a black box with integer inputs)
+is also listed in ``meta['skipped_kinds']``: a skip, not an error.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from mmdiag.adapter import (
     pool,
     unwrap,
 )
+from mmdiag.categorical import (add_donors, attribution_path, check_categorical, corrupt_categorical,
+                                 corruption_rate, is_categorical)
 from mmdiag.distributed import resolve_device
-from mmdiag.errors import AdapterError, ConfigError, EvidenceError
+from mmdiag.errors import AdapterError, ConfigError, EvidenceError, user_iteration
 from mmdiag.evidence import (
     ENCODER_KINDS,
     EVIDENCE_KINDS,
@@ -49,7 +52,11 @@ from mmdiag.evidence import (
     members,
     merge_evidence,
 )
+from mmdiag.loading.data import MULTI_LABEL
+from mmdiag.pooling import check_mode
+from mmdiag.tensors import as_class_logits
 from mmdiag.stats import true_class_margin
+from mmdiag.validation import COLLECT, check_fields
 
 #: progress(stage, done, total) is called as batches finish; total may be None.
 ProgressFn = Callable[[str, int, "int | None"], None]
@@ -97,6 +104,9 @@ class CollectSettings:
             (f(x) - f(baseline))| is at most this fraction of max(|f(x) - f(baseline)|, the
             median of that over the rows attributed together). Fixed steps: ``ig_max_steps = ig_steps``.
         max_subsets: refuse more than this many subsets (2^M) unless raised.
+        pool: how encoder outputs of rank 3 and more become one vector per sample for the feature
+            diagnostics: ``mean`` over the non-channel axes, ``first`` position, or ``flatten``
+            (see :mod:`mmdiag.pooling`).
     """
 
     batch_size: int = 256
@@ -118,24 +128,14 @@ class CollectSettings:
     ig_max_steps: int = 128
     ig_tolerance: float = 0.05
     max_subsets: int = 256
+    pool: str = "mean"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "permutations", "ig_steps", "max_subsets"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be at least 1; found {getattr(self, name)}.")
-        for name in ("num_workers", "max_feature_samples", "max_grad_samples", "max_noise_samples",
-                     "max_attribution_samples", "stats_samples"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"{name} must be >= 0; found {getattr(self, name)}.")
-        for name in ("grad_fraction", "param_grad_fraction", "attribution_fraction"):
-            if not 0.0 < float(getattr(self, name)) <= 1.0:
-                raise ConfigError(f"{name} must be in (0, 1]; found {getattr(self, name)}.")
+        # types and ranges from the one settings schema (the same checks as [collect] and the flags)
+        checked = check_fields(asdict(self), COLLECT, lambda name: f"CollectSettings.{name}")
+        object.__setattr__(self, "noise_levels", checked["noise_levels"])
         if int(self.ig_max_steps) < int(self.ig_steps):
             raise ConfigError(f"ig_max_steps ({self.ig_max_steps}) must be at least ig_steps ({self.ig_steps}).")
-        if float(self.ig_tolerance) < 0:
-            raise ConfigError(f"ig_tolerance must be >= 0; found {self.ig_tolerance}.")
-        if not self.noise_levels or min(self.noise_levels) < 1:
-            raise ConfigError(f"noise levels must be integers >= 1 (1 = clean); found {self.noise_levels}.")
 
 
 def split_batch(batch: Any, modalities: Sequence[str]) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
@@ -164,7 +164,14 @@ def split_batch(batch: Any, modalities: Sequence[str]) -> tuple[dict[str, Tensor
         )
     inputs = {m: torch.as_tensor(items[m]) for m in modalities}
     extras = {k: torch.as_tensor(items[k]) for k in _EXTRA_KEYS if k in items}
-    return inputs, torch.as_tensor(labels).long().reshape(-1), extras
+    labels = torch.as_tensor(labels)
+    if labels.dim() == 2 and labels.shape[1] > 1:
+        # one-hot or multi-hot rows: reshape(-1) would silently make B x C labels of them
+        raise EvidenceError(MULTI_LABEL.format(what="A batch's labels", shape=tuple(labels.shape))
+                            if bool((labels.sum(1) != 1).any()) else
+                            f"A batch's labels have shape {tuple(labels.shape)} (one-hot); expected one "
+                            "class index per sample. Return label.argmax() from the dataset instead.")
+    return inputs, labels.long().reshape(-1), extras
 
 
 def make_loader(data: Dataset | DataLoader, settings: CollectSettings, rows: Sequence[int] | None = None) -> tuple[DataLoader, list[int] | None]:
@@ -268,7 +275,13 @@ def _check_finite(logits: Tensor, what: str) -> None:
         )
 
 
-def _check_labels(labels: Tensor, n_classes: int) -> None:
+def _check_labels(labels: Tensor, n_classes: int, output_kind: str | None = None) -> None:
+    if labels.numel() and (int(labels.max()) >= n_classes or int(labels.min()) < 0) and output_kind == "binary":
+        raise EvidenceError(
+            f"The model returns one logit per sample (a binary classifier), but the labels go from "
+            f"{int(labels.min())} to {int(labels.max())}; a binary classifier needs labels 0 and 1. "
+            "Check the label column, or return [batch, classes] logits for more classes."
+        )
     if labels.numel() and (int(labels.max()) >= n_classes or int(labels.min()) < 0):
         raise EvidenceError(
             f"Labels go up to {int(labels.max())} but the model outputs {n_classes} classes "
@@ -291,6 +304,8 @@ class _Collector:
         self.data_std: dict[str, float] = {}
         self.head_split_cols: list[tuple[int, int]] | None = None
         self.world = 1
+        self.skipped: set[str] = set()  # evidence kinds this setup rules out (skips, not errors)
+        self.donors: dict[str, Tensor] = {}  # observed rows of each categorical modality (udml noise)
 
     # -------------------------------------------------------------- helpers
     def _tick(self, stage: str, done: int, total: int | None) -> None:
@@ -303,7 +318,7 @@ class _Collector:
 
     def _batches(self, loader: DataLoader, limit: int | None = None) -> Iterator[tuple[int, dict[str, Tensor], Tensor, dict[str, Tensor]]]:
         offset = 0
-        for batch in loader:
+        for batch in user_iteration(loader, "reading a batch of the data (the dataset's __getitem__)"):
             inputs, labels, extras = split_batch(batch, self.adapter.modalities)
             inputs = {m: t.to(self.device) for m, t in inputs.items()}
             yield offset, inputs, labels.to(self.device), extras
@@ -372,7 +387,7 @@ class _Collector:
             handle.remove()
         if "x" not in seen:
             return
-        pooled = [pool(feats[m]) for m in a.modalities]
+        pooled = [a.pooled(m, feats[m]) for m in a.modalities]
         cat = torch.cat(pooled, dim=1)
         if seen["x"].shape == cat.shape and torch.allclose(seen["x"], cat, atol=1e-5):
             cols, start = [], 0
@@ -388,9 +403,11 @@ class _Collector:
         m_count = len(self.adapter.modalities)
         out = []
         for (lo, hi), m in zip(self.head_split_cols or [], self.adapter.modalities):
-            z = pool(feats[m]) @ w[:, lo:hi].T
+            z = self.adapter.pooled(m, feats[m]) @ w[:, lo:hi].T
             if b is not None:
                 z = z + b / m_count
+            if self.adapter.output_kind == "binary":  # one logit: readouts [0, z_m] add up to [0, z]
+                z = as_class_logits(z, z.shape[0])[0]
             out.append(z)
         return torch.stack(out)
 
@@ -499,21 +516,28 @@ class _Collector:
         return torch.tensor(cos), fused_grads
 
     def noise_features(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """modality -> [L, b, d] pooled features of that modality's encoder with its input corrupted."""
+        """modality -> [L, b, d] pooled features of that modality's encoder with its input corrupted
+        (Gaussian noise; a categorical modality: indices replaced, see :mod:`mmdiag.categorical`)."""
         a = self.adapter
         out: dict[str, Tensor] = {}
         with torch.no_grad():
             for m in a.modalities:
                 scale = self.data_std.get(m, 1.0) or 1.0
+                if is_categorical(inputs[m]):  # category indices: replaced by observed values, not noised
+                    self.donors[m] = add_donors(self.donors.get(m), inputs[m])
                 levels = []
                 for level in self.s.noise_levels:
                     noisy = dict(inputs)
-                    x = inputs[m].float()
-                    noise = torch.randn(x.shape, generator=self.gen).to(x.device)
-                    noisy[m] = (x + noise * (self.s.noise_step * (level - 1) * scale)).to(inputs[m].dtype)
+                    if is_categorical(inputs[m]):
+                        rate = corruption_rate(level, self.s.noise_step)
+                        noisy[m] = corrupt_categorical(inputs[m], rate, self.gen, self.donors[m])
+                    else:
+                        x = inputs[m].float()
+                        noise = torch.randn(x.shape, generator=self.gen).to(x.device)
+                        noisy[m] = (x + noise * (self.s.noise_step * (level - 1) * scale)).to(inputs[m].dtype)
                     with a.capture() as captured:
                         a.call_model(noisy)
-                    levels.append(pool(captured[m]).float().cpu())
+                    levels.append(a.pooled(m, captured[m]).float().cpu())
                 out[m] = torch.stack(levels)
         return out
 
@@ -530,29 +554,18 @@ class _Collector:
         from captum.attr import IntegratedGradients
 
         a, s = self.adapter, self.s
-        for m in a.modalities:
-            if not torch.is_floating_point(inputs[m]):
-                raise EvidenceError(
-                    f"Integrated Gradients needs floating-point inputs; modality {m!r} is {inputs[m].dtype}."
-                )
-        xs = tuple(inputs[m].float() for m in a.modalities)
-        base = a.masked_inputs(inputs, [], self.gen)
-        baselines = tuple(base[m].float() for m in a.modalities)
-
-        def forward(*tensors: Tensor) -> Tensor:
-            return a.call_model(dict(zip(a.modalities, tensors)))
-
-        ig = IntegratedGradients(forward)
+        # at the inputs, or (a categorical modality) at the encoder outputs: see attribution_path
+        path = attribution_path(a, inputs, self.gen)
+        ig = IntegratedGradients(path.forward)
 
         def attribute(rows: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+            xs, baselines, extra = path.take(rows)
             with torch.enable_grad():
                 attrs, delta = ig.attribute(
-                    tuple(x[rows] for x in xs), baselines=tuple(x[rows] for x in baselines),
-                    target=labels[rows], n_steps=steps, internal_batch_size=s.batch_size,
-                    return_convergence_delta=True,
+                    xs, baselines=baselines, target=labels[rows], additional_forward_args=extra,
+                    n_steps=steps, internal_batch_size=s.batch_size, return_convergence_delta=True,
                 )
-            mass = torch.stack([t.detach().abs().flatten(1).sum(1) for t in attrs], dim=1)
-            signed = torch.stack([t.detach().flatten(1).sum(1) for t in attrs], dim=1)
+            mass, signed = path.per_modality(attrs, absolute=True), path.per_modality(attrs, absolute=False)
             return mass, signed, delta.detach().reshape(-1)
 
         steps = int(s.ig_steps)
@@ -604,6 +617,7 @@ def collect(
             f"{m_count} modalities give {1 << m_count} subsets, more than the limit {s.max_subsets}. "
             "Raise --max-subsets if you accept the cost, or skip shapley/combinations/reliance/unimodal."
         )
+    adapter.pool_mode = check_mode(s.pool)
     col = _Collector(adapter, wanted, s, progress)
     rank, world = distributed_rank()
     if world > 1 and not isinstance(data, DataLoader):
@@ -632,10 +646,14 @@ def collect(
             if not adapter.has_encoders:
                 for kind in sorted(wanted & ENCODER_KINDS):
                     col.unavailable[kind] = (
-                        "needs the encoder of each modality; the model is a black box to mmdiag "
-                        "(name encoders with --encoder MODALITY=MODULE)"
+                        "needs each modality's encoder output, and the model is driven as a black box: "
+                        f"{adapter.black_box_reason or 'no encoders are known'}"
                     )
                 wanted -= ENCODER_KINDS
+            for kind, reason in check_categorical(adapter, sample, wanted).items():
+                col.unavailable[kind] = reason
+                col.skipped.add(kind)
+                wanted.discard(kind)
             if adapter.needs_stats() or "noise_features" in wanted:
                 col.estimate_stats(stats_loader)
             col.detect_concat_linear_head(sample)
@@ -700,7 +718,7 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
             else:
                 logits, feats = a.call_model(inputs), None
             _check_finite(logits, "all modalities present")
-            _check_labels(labels, logits.shape[1])
+            _check_labels(labels, logits.shape[1], a.output_kind)
             acc["labels"].append(labels.cpu())
             acc["logits"].append(logits.float().cpu())
             if "index" in extras:
@@ -723,7 +741,7 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
                 r = _rows_in(offset, b, pick_feat, s.max_feature_samples)
                 if r.numel():
                     for m in a.modalities:
-                        feats_acc[m].append(pool(_take(feats[m], r)).float().cpu())
+                        feats_acc[m].append(a.pooled(m, _take(feats[m], r)).float().cpu())
                     acc["feat_rows"].append(r + offset)
             r = _rows_in(offset, b, pick_grad, n_grad)
             if r.numel() and "grad_x_act" in wanted:
@@ -806,6 +824,7 @@ def _main_pass(col: _Collector, loader: DataLoader, rows: list[int] | None, n_to
             "device": str(col.device),
             "head_split": col.head_split_cols is not None,
             "unavailable": dict(col.unavailable),
+            "skipped_kinds": sorted(col.skipped),
             "data_std": dict(col.data_std),
             "subsample_rows": {"grad": n_grad, "param_grad": n_param, "attribution": n_attr},
             **({"ig_steps_used": {str(k): v for k, v in zip(*(t.tolist() for t in torch.unique(cat("ig_steps"), return_counts=True)))}}

@@ -23,87 +23,33 @@ Keys:
 
 Bounds: with ``bound="ci"`` a ``>``/``>=`` rule passes only when the interval's *low* end passes and
 a ``<``/``<=`` rule only when its *high* end passes, so a pass is a claim the data back up. ``==`` and
-``!=``, and keys without an interval, use the point value (the outcome says so).
+``!=``, and keys that never carry an interval (``accuracy``, ``n_samples``, ``verdict.*``,
+``details``), use the point value (the outcome says so). A diagnostic value without an interval
+(``bootstrap = 0``, or a headline the diagnostic gives none for) is an ERROR under ``bound="ci"``
+that names ``--bound point``: the gate never falls back to the point value silently.
 
 Outcomes: ``PASS``; ``WARN`` (the rule would fail, or the report cannot answer it, but the rule is a
 warning); ``FAIL``; ``ERROR`` (the report cannot answer the rule: the diagnostic failed, was skipped or
-was not run). An ERROR on a key that exists nowhere (a typo) is a *usage* error and carries the
+was not run, or ``bound="ci"`` finds no interval). An ERROR on a key that exists nowhere (a typo) is a *usage* error and carries the
 closest known key.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
 
 from mmdiag.errors import GateError
+# the rule grammar lives in gate_rules; its names stay importable from here
+from mmdiag.gate_rules import ARITH, EXAMPLE, OPS, Baseline, Rule, format_rule, parse_rule, parse_rules  # noqa: F401
 from mmdiag.registry import closest
 from mmdiag.report import Report, Result
 
-OPS = ("<=", ">=", "==", "!=", "<", ">")
-ARITH = ("+", "-", "*", "/")
 BOUNDS = ("ci", "point")
 STATUSES = ("PASS", "WARN", "FAIL", "ERROR")
 VERDICT_FIELDS = ("dominant", "underused", "severity", "recommended_fix")
 TOP_LEVEL = ("accuracy", "n_samples")
-
-EXAMPLE = 'e.g. "shapley.visual >= 0.15", "verdict.severity != strong" or "reliance.audio <= baseline + 0.05"'
-
-_OP_RE = re.compile(r"<=|>=|==|!=|=>|=<|<>|<|>|=")
-_NUM_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_BASELINE_RE = re.compile(r"^baseline(?:\s*([+\-*/])\s*(\S.*))?$")
-_BARE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.+\-]*$")
-_KEY_RE = re.compile(r"^[^\s<>=!'\"]+$")
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The right side ``baseline [op operand]``: the same key in the baseline report, shifted or scaled."""
-
-    op: str | None = None
-    operand: float = 0.0
-
-    def apply(self, base: float) -> float:
-        if self.op is None:
-            return base
-        if self.op == "+":
-            return base + self.operand
-        if self.op == "-":
-            return base - self.operand
-        if self.op == "*":
-            return base * self.operand
-        return base / self.operand
-
-    def text(self) -> str:
-        return "baseline" if self.op is None else f"baseline {self.op} {_fmt_num(self.operand)}"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One parsed rule.
-
-    Attributes:
-        key: what to measure (``shapley.visual``, ``balance``, ``verdict.severity``...).
-        op: one of ``< <= > >= == !=``.
-        rhs: a number, a string, or a :class:`Baseline` expression.
-        warn: a failing warning rule reports WARN instead of FAIL.
-        text: the rule as written (for messages; not part of equality).
-    """
-
-    key: str
-    op: str
-    rhs: float | str | Baseline
-    warn: bool = False
-    text: str = field(default="", compare=False)
-
-    @property
-    def uses_baseline(self) -> bool:
-        return isinstance(self.rhs, Baseline)
-
-    def __str__(self) -> str:
-        return self.text or format_rule(self)
 
 
 @dataclass(frozen=True)
@@ -191,134 +137,10 @@ class GateResult:
         }
 
 
-# --------------------------------------------------------------------------------------------- parsing
-
-
-def _fmt_num(x: float) -> str:
-    if float(x).is_integer() and abs(x) < 1e15:
-        return str(int(x))
-    return repr(float(x))
-
-
 def _plain(v: Any) -> Any:
     if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
         return None
     return v
-
-
-def format_rule(rule: Rule) -> str:
-    """The canonical text of a rule (``parse_rule(format_rule(r)) == r``)."""
-    rhs = rule.rhs
-    if isinstance(rhs, Baseline):
-        right = rhs.text()
-    elif isinstance(rhs, str):
-        bare = _BARE_RE.match(rhs) and not rhs.startswith("baseline") and not _is_number(rhs)
-        right = rhs if bare else _quote(rhs)
-    else:
-        right = _fmt_num(rhs)
-    return f"{rule.key} {rule.op} {right}"
-
-
-def _quote(s: str) -> str:
-    if "'" not in s:
-        return f"'{s}'"
-    if '"' not in s:
-        return f'"{s}"'
-    raise GateError(f"A string in a rule cannot hold both quote characters: {s!r}.")
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
-
-
-def _parse_number(s: str, rule_text: str, what: str) -> float:
-    s = s.strip()
-    if not _NUM_RE.fullmatch(s):
-        raise GateError(f"In rule {rule_text!r}: {what} {s!r} is not a number. Valid rules: {EXAMPLE}.")
-    value = float(s)
-    if math.isinf(value) or math.isnan(value):
-        raise GateError(f"In rule {rule_text!r}: {what} must be a finite number; found {s!r}.")
-    return value
-
-
-def parse_rule(text: str, warn: bool = False) -> Rule:
-    """Parse ``KEY OP RHS``; GateError pointing at the problem (with valid examples) otherwise."""
-    if not isinstance(text, str):
-        raise GateError(f"A gate rule must be a string such as {EXAMPLE}; found {type(text).__name__}.")
-    src = text.strip()
-    if not src:
-        raise GateError(f"Empty gate rule. Valid rules: {EXAMPLE}.")
-    found = _OP_RE.search(src)
-    if found is None:
-        raise GateError(
-            f"Rule {src!r} has no comparison operator (expected one of {' '.join(OPS)}). Valid rules: {EXAMPLE}."
-        )
-    op = found.group(0)
-    if op not in OPS:
-        fix = {"=": "==", "=>": ">=", "=<": "<=", "<>": "!="}[op]
-        raise GateError(
-            f"Rule {src!r}: operator {op!r} at position {found.start()} is not supported; did you mean {fix!r}? "
-            f"Valid rules: {EXAMPLE}."
-        )
-    key = src[:found.start()].strip()
-    right = src[found.end():].strip()
-    if not key:
-        raise GateError(f"Rule {src!r} has nothing left of {op!r}; expected a key such as shapley.visual. "
-                        f"Valid rules: {EXAMPLE}.")
-    if not _KEY_RE.match(key):
-        raise GateError(
-            f"Rule {src!r}: key {key!r} must be one word of dotted names without spaces or quotes "
-            f"(<diagnostic>, <diagnostic>.<modality>, <diagnostic>.details.<path>, accuracy, n_samples or "
-            f"verdict.<field>). Valid rules: {EXAMPLE}."
-        )
-    if any(not part for part in key.split(".")):
-        raise GateError(f"Rule {src!r}: key {key!r} has an empty part between dots. Valid rules: {EXAMPLE}.")
-    if not right:
-        raise GateError(f"Rule {src!r} has nothing right of {op!r}; expected a number, a string or "
-                        f"baseline [+-*/ number]. Valid rules: {EXAMPLE}.")
-    if _OP_RE.search(right) and right[0] not in "'\"":
-        raise GateError(f"Rule {src!r} has more than one comparison operator; write one rule per comparison. "
-                        f"Valid rules: {EXAMPLE}.")
-    rhs: float | str | Baseline
-    base = _BASELINE_RE.match(right)
-    if base is not None:
-        if base.group(1) is None:
-            rhs = Baseline()
-        else:
-            operand = _parse_number(base.group(2), src, f"the operand of {base.group(1)!r} after baseline")
-            if base.group(1) == "/" and operand == 0:
-                raise GateError(f"Rule {src!r} divides the baseline by zero.")
-            rhs = Baseline(base.group(1), operand)
-    elif right.startswith("baseline"):
-        raise GateError(
-            f"Rule {src!r}: cannot read {right!r}; baseline arithmetic is 'baseline', 'baseline + 0.05', "
-            f"'baseline - 0.1', 'baseline * 1.1' or 'baseline / 2'."
-        )
-    elif right[0] in "'\"":
-        if len(right) < 2 or right[-1] != right[0] or right[0] in right[1:-1]:
-            raise GateError(f"Rule {src!r}: unterminated or malformed quoted string {right!r}. Valid rules: {EXAMPLE}.")
-        rhs = right[1:-1]
-    elif _NUM_RE.fullmatch(right):
-        rhs = _parse_number(right, src, "the threshold")
-    elif _BARE_RE.match(right):
-        rhs = right
-    else:
-        raise GateError(
-            f"Rule {src!r}: cannot read the right side {right!r}; expected a number (0.15), a word (strong), a "
-            f"quoted string ('audio+visual') or baseline arithmetic (baseline + 0.05). Valid rules: {EXAMPLE}."
-        )
-    if isinstance(rhs, str) and op not in ("==", "!="):
-        raise GateError(f"Rule {src!r} compares with the text {rhs!r} using {op!r}; text supports only == and !=.")
-    return Rule(key=key, op=op, rhs=rhs, warn=warn, text=src)
-
-
-def parse_rules(texts: Iterable[str], warn: bool = False) -> list[Rule]:
-    """Parse several rules (the first malformed one raises)."""
-    return [parse_rule(t, warn=warn) for t in texts]
 
 
 # -------------------------------------------------------------------------------------------- lookups
@@ -331,6 +153,8 @@ class _Measure:
     error: str | None = None
     usage_error: bool = False
     suggestion: str | None = None
+    #: the diagnostic whose estimate this is: a value that has an interval when one was computed
+    estimate: str | None = None
 
 
 def known_keys(report: Report) -> list[str]:
@@ -393,13 +217,13 @@ def measure(report: Report, key: str) -> _Measure:
         return _unknown(key, report, f"Unknown key {key!r}: {head!r} is neither a diagnostic in this report nor "
                                      f"accuracy, n_samples or verdict.<field>")
     if len(parts) == 1:
-        return _Measure(res.value, _interval(res.value_ci))
+        return _Measure(res.value, _interval(res.value_ci), estimate=head)
     if parts[1] == "details":
         return _details(res, key, parts[2:], report)
     if len(parts) == 2:
         m = parts[1]
         if m in res.per_modality:
-            return _Measure(res.per_modality[m], _interval((res.ci or {}).get(m)))
+            return _Measure(res.per_modality[m], _interval((res.ci or {}).get(m)), estimate=head)
         return _unknown(key, report, f"Unknown key {key!r}: diagnostic {head!r} has no modality {m!r} "
                                      f"(modalities: {', '.join(res.per_modality) or '(none)'})")
     return _unknown(key, report, f"Unknown key {key!r}: after <diagnostic>.<modality> nothing may follow; "
@@ -518,14 +342,28 @@ def _evaluate_one(rule: Rule, report: Report, baseline: Report | None, bound: st
                        message=f"{rule.key!r} is {_fmt(value)}, not a number; a numeric rule cannot be checked"
                                f"{' (the diagnostic could not compute it)' if value is None else ''}.")
     if bound == "ci" and rule.op in (">", ">=", "<", "<="):
+        if interval is None and got.estimate is not None:  # never a silent fall-back to the point value
+            return Outcome(rule, "WARN" if warn else "ERROR", value=value, threshold=threshold,
+                           baseline_value=base_value, message=_no_interval(rule, report.diagnostics[got.estimate]))
         if interval is None:
             return done(_compare(number, rule.op, float(threshold)), number, "point",
-                        " (no interval for this key, so the point value)")
+                        " (this key has no interval by nature, so the point value)")
         which = "low" if rule.op in (">", ">=") else "high"
         end = interval[0] if which == "low" else interval[1]
         return done(_compare(end, rule.op, float(threshold)), end, which)
     note = " (== and != use the point value)" if bound == "ci" and rule.op in ("==", "!=") else ""
     return done(_compare(number, rule.op, float(threshold)), number, "point", note)
+
+
+def _no_interval(rule: Rule, res: Result) -> str:
+    """Why ``--bound ci`` cannot check ``rule``: the value has no interval; what to do instead."""
+    end = "low" if rule.op in (">", ">=") else "high"
+    if (res.params or {}).get("bootstrap") == 0:
+        why, rerun = "the analysis ran with --bootstrap 0", ", or rerun the analysis with --bootstrap 1000"
+    else:
+        why, rerun = f"{res.name} computes no interval for this value", ""
+    return (f"{rule.key!r} has no interval in this report ({why}), so --bound ci cannot check its {end} end; "
+            f"gate on point values with --bound point (bound = \"point\" in [gate]){rerun}.")
 
 
 def evaluate(report: Report, rules: Sequence[Rule | str], baseline: Report | None = None, bound: str = "ci",

@@ -302,6 +302,8 @@ def rebalance(
     val_data: Any = None,
     checkpoint: str | os.PathLike[str] | None = None,
     trust_checkpoint: bool = False,
+    checkpoint_key: str | None = None,
+    strip_prefix: str | None = None,
     fix: str | Fix = "auto",
     fix_params: Mapping[str, Any] | None = None,
     init: str = "scratch",
@@ -341,6 +343,8 @@ def rebalance(
             ``val_data`` (on ``train_data`` when there is none).
         checkpoint: weights of the trained model (the *before* model, and the start for
             ``init="checkpoint"``); without it there is no before analysis.
+        trust_checkpoint, checkpoint_key, strip_prefix: how it is read (see
+            :func:`mmdiag.loading.load_checkpoint`: ``trust``, ``key``, ``strip_prefix``).
         fix: a registered fix name, a :class:`Fix` instance, or ``auto`` (see the module doc).
         fix_params: parameters of the fix; values may be text (``"0.8"``); a nested table named like
             a fix (or a ``fix.key`` entry) applies only when that fix is used.
@@ -392,7 +396,8 @@ def rebalance(
         if not isinstance(model, nn.Module):
             raise ConfigError(f"The model factory returned {type(model).__name__}, expected a torch.nn.Module.")
         if init == "checkpoint":
-            load_checkpoint(model, checkpoint, trust=trust_checkpoint)  # type: ignore[arg-type]
+            load_checkpoint(model, checkpoint, trust=trust_checkpoint, key=checkpoint_key,  # type: ignore[arg-type]
+                            strip_prefix=strip_prefix)
         return model
 
     def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -420,10 +425,12 @@ def rebalance(
         elif go_on:
             notes.append(f"{stage}: resumed from {ckpt}")
         phase(f"train {stage}")
-        hist = fit(adapter_for(model), train_ds, val_data=val_ds, fix=fix_obj, epochs=int(epochs), optimizer=optimizer,
+        adapter = adapter_for(model)
+        hist = fit(adapter, train_ds, val_data=val_ds, fix=fix_obj, epochs=int(epochs), optimizer=optimizer,
                    lr=float(lr), weight_decay=float(weight_decay), momentum=float(momentum),
                    batch_size=int(batch_size), seed=int(seed), device=device, out_dir=folder, resume=go_on,
                    progress=(lambda p: phase(f"train {stage}", p)), grad_clip=grad_clip)
+        notes.extend(f"{stage} training: {w}" for w in adapter.warnings)  # a change of method, said
         return model, hist
 
     with distributed(device):
@@ -434,11 +441,12 @@ def rebalance(
         # analyses run on every rank: under torchrun collect shards the rows and gathers the evidence
         before_report, before_ci = None, None
         if checkpoint is not None:
-            from mmdiag.loading import load_checkpoint
+            from mmdiag.loading import checkpoint_settings, load_checkpoint
 
             torch.manual_seed(int(seed))
             trained = factory()
-            load_checkpoint(trained, checkpoint, trust=trust_checkpoint)
+            extra.update(checkpoint_settings(load_checkpoint(
+                trained, checkpoint, trust=trust_checkpoint, key=checkpoint_key, strip_prefix=strip_prefix)))
             before_report, before_ci = run_analysis(trained, "before")
 
         base_model = base_hist = base_report = None

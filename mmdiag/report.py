@@ -19,6 +19,8 @@ from typing import Any, Mapping
 from mmdiag.errors import EvidenceError
 
 SCHEMA_VERSION = 1
+#: the ``schema_version`` values this mmdiag reads; a report from a newer mmdiag may carry a higher one
+SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 
 def json_safe(value: Any) -> Any:
@@ -133,6 +135,9 @@ class Report:
     diagnostics: dict[str, Result]
     failures: list[Failure]
     verdict: Verdict
+    #: what changes how the numbers read: a change of method (input instead of feature masking, a
+    #: black-box run), an accuracy at chance level, weights that were not loaded from a checkpoint
+    notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
     mmdiag_version: str = ""
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -150,14 +155,17 @@ class Report:
             "diagnostics": {k: v.to_dict() for k, v in self.diagnostics.items()},
             "failures": [f.to_dict() for f in self.failures],
             "verdict": self.verdict.to_dict(),
+            "notes": list(self.notes),
         })
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Report":
-        """Build a report from its JSON document; EvidenceError when it is not one."""
+        """Build a report from its JSON document; EvidenceError when it is not one, or of a schema
+        version this mmdiag does not read."""
+        version = schema_version(data)
         try:
             return cls(
-                schema_version=int(data["schema_version"]),
+                schema_version=version,
                 mmdiag_version=str(data.get("mmdiag_version", "")),
                 created=str(data.get("created", "")),
                 modalities=list(data["modalities"]),
@@ -167,6 +175,7 @@ class Report:
                 diagnostics={k: Result.from_dict(v) for k, v in data["diagnostics"].items()},
                 failures=[Failure(**f) for f in data.get("failures", [])],
                 verdict=Verdict(**data["verdict"]),
+                notes=[str(n) for n in data.get("notes", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:  # int(inf): Overflow
             raise EvidenceError(f"Not an mmdiag report: missing or malformed field ({exc}).") from None
@@ -183,6 +192,11 @@ class Report:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Report":
         """Read a ``report.json``; EvidenceError naming the file when it cannot be read."""
+        if Path(path).is_dir():
+            inside = Path(path) / "report.json"
+            hint = (f"did you mean {inside}?" if inside.is_file() else
+                    "it holds no report.json either; pass the report.json that mmdiag analyze wrote.")
+            raise EvidenceError(f"Report {path} is a folder, not a report.json file: {hint}")
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -191,7 +205,10 @@ class Report:
             raise EvidenceError(f"Report {path} is not readable JSON: {exc}.") from None
         if not isinstance(data, dict):
             raise EvidenceError(f"Report {path} is not an mmdiag report (expected a JSON object).")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except EvidenceError as exc:
+            raise EvidenceError(f"Report {path}: {exc}") from None
 
     def to_frame(self) -> "Any":
         """Tidy table: diagnostic, modality, key, value, ci_low, ci_high (a pandas DataFrame)."""
@@ -208,6 +225,29 @@ class Report:
                              "ci_low": lo, "ci_high": hi})
         frame = pd.DataFrame(rows, columns=["diagnostic", "modality", "key", "value", "ci_low", "ci_high"])
         return frame
+
+
+def schema_version(data: Mapping[str, Any]) -> int:
+    """The document's ``schema_version``; EvidenceError when it is missing, malformed or not supported."""
+    from mmdiag._version import __version__
+
+    if "schema_version" not in data:
+        raise EvidenceError("Not an mmdiag report: it has no schema_version field.")
+    raw = data["schema_version"]
+    ok = isinstance(raw, int) or (isinstance(raw, float) and math.isfinite(raw) and raw.is_integer())
+    if isinstance(raw, bool) or not ok:
+        raise EvidenceError(f"Not an mmdiag report: schema_version must be an integer; found {raw!r}.")
+    version, supported = int(raw), ", ".join(map(str, SUPPORTED_SCHEMA_VERSIONS))
+    if version in SUPPORTED_SCHEMA_VERSIONS:
+        return version
+    if version > max(SUPPORTED_SCHEMA_VERSIONS):
+        writer = f"mmdiag {data['mmdiag_version']}" if data.get("mmdiag_version") else "a newer mmdiag"
+        raise EvidenceError(
+            f"the report has schema_version {version}, written by {writer}; this mmdiag ({__version__}) "
+            f"reads schema versions {supported}. Upgrade mmdiag (pip install --upgrade mmdiag) to read it."
+        )
+    raise EvidenceError(f"the report has schema_version {version}, which no mmdiag release wrote; this mmdiag "
+                        f"({__version__}) reads schema versions {supported}.")
 
 
 def write_atomic(path: Path, text: str) -> None:

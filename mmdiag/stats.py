@@ -227,3 +227,21 @@ def gini(shares: Sequence[float]) -> float:
     k = x.shape[0]
     cum = np.cumsum(x)
     return float((k + 1 - 2 * (cum / cum[-1]).sum()) / k)
+
+
+def chance_accuracy(labels: np.ndarray, n_classes: int) -> float:
+    """The accuracy a model reaches without looking at its inputs: max(1/C, majority-class rate)."""
+    labels = np.asarray(labels)
+    majority = np.bincount(labels.astype(np.int64), minlength=n_classes).max() / max(labels.size, 1)
+    return float(max(1.0 / n_classes, majority))
+
+
+def within_chance(accuracy: float, labels: np.ndarray, n_classes: int, z: float = 1.96) -> tuple[bool, float]:
+    """Whether ``accuracy`` is within sampling noise of chance, and the chance level.
+
+    Noise is the binomial standard error of an accuracy at chance level p0 on N samples,
+    sqrt(p0 (1 - p0) / N); within noise means at most p0 + z standard errors (one-sided 97.5%).
+    """
+    p0 = chance_accuracy(labels, n_classes)
+    se = math.sqrt(p0 * (1.0 - p0) / max(np.asarray(labels).size, 1))
+    return accuracy <= p0 + z * se, p0

@@ -7,11 +7,16 @@ when d does everything. A dominance claim needs the bootstrap intervals to separ
 must lie above the interval of at least one other modality. Severity is ``strong`` when D >=
 ``strong`` (default 0.5), ``mild`` when D >= ``mild`` (default 0.2), else ``none``. Under-used
 modalities are those whose interval lies below d's and whose share is below the fair share 1/M.
+
+Without intervals (``bootstrap = 0``, or a measure that reports none) the same rules run on the point
+estimates: d's value must exceed another modality's value, and the reasons say that the call rests
+on point estimates.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -19,6 +24,7 @@ from typing import Mapping, Sequence
 from mmdiag.errors import ConfigError
 from mmdiag.report import Result, Verdict
 from mmdiag.stats import positive_shares
+from mmdiag.validation import THRESHOLDS, check_fields
 
 PRIMARY_ORDER = ("shapley", "reliance", "unimodal")
 #: diagnostics whose per-modality values grow with a modality's contribution (compared in the reasons)
@@ -50,6 +56,7 @@ class VerdictThresholds:
     noise_calibration: float = 0.5
 
     def __post_init__(self) -> None:
+        check_fields(self.__dict__, THRESHOLDS, lambda name: f"VerdictThresholds.{name}")
         if not 0 <= self.mild <= self.strong <= 1:
             raise ConfigError(
                 f"Verdict thresholds must satisfy 0 <= mild <= strong <= 1; found mild={self.mild}, strong={self.strong}."
@@ -62,20 +69,43 @@ def dominance_index(shares: Mapping[str, float]) -> float:
     return (max(shares.values()) - 1.0 / m) / (1.0 - 1.0 / m)
 
 
+def _interval(res: Result, m: str) -> tuple[float, float] | None:
+    """Modality m's [low, high] interval, or None when none was computed (bootstrap 0: null or NaN ends)."""
+    ci = (res.ci or {}).get(m)
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return None
+    if any(isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) for c in ci):
+        return None
+    return float(ci[0]), float(ci[1])
+
+
 def _separated(res: Result, hi: str, lo: str) -> bool:
-    a, b = res.ci.get(hi), res.ci.get(lo)
-    if not a or not b or a[0] is None or b[1] is None:
+    """hi's interval lies above lo's; on point estimates when either has no interval."""
+    a, b = _interval(res, hi), _interval(res, lo)
+    if a is None or b is None:
         return res.per_modality[hi] > res.per_modality[lo]
     return a[0] > b[1]
+
+
+def _point_note(res: Result, modalities: Sequence[str]) -> str | None:
+    """The reason saying the call rests on point estimates, when ``res`` has no intervals to judge by."""
+    missing = [m for m in modalities if _interval(res, m) is None]
+    if not missing:
+        return None
+    if (res.params or {}).get("bootstrap") == 0:
+        return ("no bootstrap intervals were computed (bootstrap = 0), so the call rests on point estimates: "
+                "the thresholds are applied to the point values")
+    return (f"{res.name} has no interval for {', '.join(missing)}, so the call rests on point estimates: "
+            "the thresholds are applied to the point values")
 
 
 def _below_zero(res: Result, m: str) -> bool:
     """Whether modality m's value is negative, and its interval too when it has one: per-batch
     gradient cosines are noisy, so a mean below 0 whose interval reaches above 0 is no conflict."""
-    value, ci = res.per_modality.get(m), res.ci.get(m)
+    value, ci = res.per_modality.get(m), _interval(res, m)
     if value is None or value >= 0:
         return False
-    return not ci or ci[1] is None or not math.isfinite(ci[1]) or ci[1] < 0
+    return ci is None or ci[1] < 0
 
 
 def recommend_fix(results: Mapping[str, Result], dominant: str, underused: Sequence[str],
@@ -115,8 +145,10 @@ def recommend_fix(results: Mapping[str, Result], dominant: str, underused: Seque
     if conflict is not None:
         conflicted = [m for m in underused if _below_zero(conflict, m)]
         if conflicted:
+            point = any(_interval(conflict, m) is None for m in conflicted)
+            what = "mean cosine below 0, a point estimate" if point else "cosine interval below 0"
             reasons.append(f"gradient_conflict: fused and unimodal gradients conflict on the encoder of "
-                           f"{', '.join(conflicted)} (cosine interval below 0)")
+                           f"{', '.join(conflicted)} ({what})")
             return "mmpareto", reasons
     reasons.append(f"{dominant} dominates the fused head's learning signal; gradient modulation slows it")
     return "ogm_ge", reasons
@@ -138,6 +170,9 @@ def judge(results: Mapping[str, Result], modalities: Sequence[str],
         f"{primary.name}: {dominant} holds {shares[dominant]:.0%} of the positive contribution "
         f"(dominance index {index:.2f}; " + ", ".join(f"{m} {values[m]:+.3f}" for m in modalities) + ")"
     ]
+    point_note = _point_note(primary, modalities)
+    if point_note:
+        reasons.append(point_note)
     agree, disagree = [], []
     for n in CONTRIBUTION_MEASURES:
         if n in results and n != primary.name and results[n].per_modality:
@@ -151,7 +186,10 @@ def judge(results: Mapping[str, Result], modalities: Sequence[str],
             "disagree, which happens when modalities interact; read them side by side"
         )
     if t.require_separation and not separated:
-        reasons.insert(0, f"the bootstrap intervals of {dominant} and the other modalities overlap, so no dominance is claimed")
+        no_intervals = all(_interval(primary, m) is None for m in modalities)
+        why = (f"the point estimates of {dominant} and the other modalities are equal" if no_intervals else
+               f"the bootstrap intervals of {dominant} and the other modalities overlap")
+        reasons.insert(0, f"{why}, so no dominance is claimed")
         return Verdict(None, [], "none", None, reasons)
     severity = "strong" if index >= t.strong else "mild" if index >= t.mild else "none"
     if severity == "none":

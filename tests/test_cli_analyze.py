@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli_run import run
 from mmdiag.cli.app import app
 from mmdiag.loading import save_state_dict
 from toys import DOMINANT, toy_split, trained_toy
@@ -51,16 +52,6 @@ def workspace(tmp_path_factory):
     return d
 
 
-def run(args, cwd=None):
-    import os
-
-    old = os.getcwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        return runner.invoke(app, args)
-    finally:
-        os.chdir(old)
 
 
 FAST = ["--bootstrap", "50", "--only", "shapley,reliance,unimodal,combinations", "--device", "cpu"]
@@ -103,11 +94,39 @@ def test_checkpoint_formats_and_positional_model(workspace, tmp_path, fmt):
     else:
         save_state_dict(state, path)
     res = run(["analyze", "--model", f"{workspace}/models.py:build", "--checkpoint", str(path),
-               "--data", f"{workspace}/test.npz", "--out", str(tmp_path / "o"), *FAST])
+               "--data", f"{workspace}/test.npz", "--call", "positional", "--out", str(tmp_path / "o"), *FAST])
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["settings"]["adapter"]["call"] == "positional"
     assert report["settings"]["adapter"]["encoders"] == {"audio": "audio_net", "visual": "visual_net"}
+
+
+def test_data_keys_that_match_no_forward_parameter_are_refused(workspace, tmp_path):
+    """forward(audio_x, visual_x) with arrays audio, visual: a positional call would be a guess."""
+    res = run(["analyze", "--model", f"{workspace}/models.py:build", "--data", f"{workspace}/test.npz",
+               "--out", str(tmp_path / "o"), *FAST])
+    assert res.exit_code == 2
+    assert "audio, visual" in res.output and "audio_x, visual_x" in res.output and "--call positional" in res.output
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_no_checkpoint_and_chance_accuracy_are_said_on_stderr(workspace, tmp_path):
+    res = run(["analyze", "--model", f"{workspace}/models.py:build", "--data", f"{workspace}/test.npz",
+               "--call", "positional", "--out", str(tmp_path / "o"), *FAST])
+    assert res.exit_code == 0, res.output
+    assert "no --checkpoint" in res.stderr and "within sampling noise of chance" in res.stderr
+    notes = json.loads((tmp_path / "o" / "report.json").read_text())["notes"]
+    assert any("no --checkpoint" in n for n in notes) and any("chance" in n for n in notes)
+
+
+def test_black_box_fallback_and_skips_are_said_on_stderr(workspace, tmp_path):
+    res = run(["analyze", "--model", f"{workspace}/models.py:toy", "--checkpoint", f"{workspace}/toy.pt",
+               "--data", f"{workspace}/test.npz", "--encoder", "audio=encoders.audio",
+               "--encoder", "visual=encoders.audio", "--out", str(tmp_path / "o2"), "--bootstrap", "20",
+               "--device", "cpu", "--only", "unimodal,probe"])
+    assert res.exit_code == 0, res.output
+    assert "warning: feature-level masking is not exact" in res.stderr and "several modalities" in res.stderr
+    assert "warning: probe skipped" in res.stderr
 
 
 def test_call_and_encoder_flags_and_input_masking(workspace, tmp_path):
@@ -171,7 +190,7 @@ def test_collect_table_sets_evidence_sampling(workspace, tmp_path):
 @pytest.mark.parametrize("table, message", [
     ("ig_step = 4", "Unknown key 'ig_step' in [collect]. Did you mean 'ig_steps'?"),
     ("batch_size = 8", "[collect] batch_size is set with --batch-size"),
-    ("grad_fraction = 2.0", "grad_fraction must be in (0, 1]; found 2.0"),
+    ("grad_fraction = 2.0", "must be a number in (0, 1]; found 2.0"),
 ])
 def test_collect_table_errors_exit_2(tmp_path, table, message):
     (tmp_path / "bad.toml").write_text(f"[collect]\n{table}\n")

@@ -138,9 +138,11 @@ def test_black_box_skips_encoder_kinds_with_reason():
             return self.net(torch.cat([a, v], 1))
 
     data = make_toy(n=30, strength=(1, 1))
-    ev = collect(ModelAdapter(Blob(), ("audio", "visual")), dataset_from_arrays(data), {"subsets", "features"},
-                 CollectSettings(**CPU))
-    assert ev.features is None and "black box" in ev.meta["unavailable"]["features"]
+    ev = collect(ModelAdapter(Blob(), ("audio", "visual"), call="positional"), dataset_from_arrays(data),
+                 {"subsets", "features"}, CollectSettings(**CPU))
+    reason = ev.meta["unavailable"]["features"]
+    assert ev.features is None and "black box" in reason and "no encoder submodule is named" in reason
+    assert any("black box" in w for w in ev.meta["warnings"])
     assert ev.subsets is not None
 
 

@@ -159,7 +159,7 @@ def test_gate_is_monotone_in_thresholds(v: float, lo_w: float, hi_w: float, t: f
     ("shapley.details.weakest == visual", "PASS"),
     ("shapley.details.curve.2 == 0.3", "PASS"),
     ("balance >= 0.6", "FAIL"),            # headline 0.62, interval low end 0.55
-    ("reliance.visual <= 0.1", "PASS"),    # no interval: point value
+    ("reliance.visual <= 0.1", "ERROR"),   # no interval under --bound ci: an ERROR naming --bound point
 ])
 def test_each_operator_and_key_kind(text: str, status: str) -> None:
     assert one(small_report(), text).status == status

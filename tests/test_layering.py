@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[1] / "mmdiag"
 # layer number of each top-level module or package (higher may import lower, never the reverse)
 LAYERS = {
     "errors": 0, "_version": 0,
-    "registry": 1, "stats": 1, "report": 1, "evidence": 1, "loading": 1, "adapter": 1, "synthetic": 1,
-    "distributed": 1,
+    "registry": 1, "validation": 1, "stats": 1, "report": 1, "evidence": 1,
+    "loading": 1, "adapter": 1, "synthetic": 1,
+    "distributed": 1, "categorical": 1, "tensors": 1, "pooling": 1, "detect": 1, "replay": 1,
     "avdigits": 1, "demo_model": 1,
     "diagnostics": 2, "fixes": 2,
-    "collect": 3, "render": 3, "gate": 3, "train": 3, "verdict": 3, "compare": 3,
+    "collect": 3, "render": 3, "gate": 3, "gate_rules": 3, "train": 3, "verdict": 3, "compare": 3,
     "api": 4, "rebalance": 5, "demo": 5,
     "cli": 6, "__main__": 7, "__init__": 7,
 }

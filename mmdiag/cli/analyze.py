@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from mmdiag.cli import config as cfg
 from mmdiag.cli import options as opt
-from mmdiag.cli.common import ProgressBar, console, handle_errors, parse_pairs, prepare_out_dir, split_list
-from mmdiag.cli.summary import print_summary
-from mmdiag.errors import ConfigError
+from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, parse_pairs, prepare_out_dir, split_list
+from mmdiag.cli.summary import print_summary, print_warnings
+from mmdiag.errors import ConfigError, MmdiagWarning
 
 HELP = """Diagnose modality imbalance of a trained multimodal classifier.
 
@@ -23,7 +25,8 @@ for `mmdiag gate`)."""
 #: Flags that config files may set (the command's parameter names).
 SETTINGS = (
     "model", "checkpoint", "data", "modalities", "call", "encoder", "head", "mask", "mask_at",
-    "trust_checkpoint", "batch_size", "num_workers", "device", "seed", "bootstrap", "only", "skip",
+    "trust_checkpoint", "checkpoint_key", "strip_prefix", "batch_size", "num_workers", "device", "seed",
+    "bootstrap", "only", "skip",
     "max_subsets", "max_probe_samples", "probe_data", "per_sample", "out", "overwrite", "nan_policy",
     "balance_of", "save_evidence", "num_classes", "run_gate", "baseline",
 )
@@ -31,7 +34,7 @@ SETTINGS = (
 
 def load_inputs(o: dict[str, Any], config: dict[str, Any]) -> tuple[Any, Any, tuple[str, ...], dict[str, Any]]:
     """(model, dataset, modalities, settings for the report) from resolved options."""
-    from mmdiag.loading import build_model, load_checkpoint, load_dataset
+    from mmdiag.loading import build_model, checkpoint_settings, load_checkpoint, load_dataset
 
     if not o.get("model"):
         raise ConfigError("--model is required: a factory such as my_model.py:build or package.module:build.")
@@ -40,7 +43,8 @@ def load_inputs(o: dict[str, Any], config: dict[str, Any]) -> tuple[Any, Any, tu
     model = build_model(o["model"], cfg.table(config, "model_kwargs"))
     info = None
     if o.get("checkpoint"):
-        info = load_checkpoint(model, o["checkpoint"], trust=bool(o.get("trust_checkpoint")))
+        info = load_checkpoint(model, o["checkpoint"], trust=bool(o.get("trust_checkpoint")),
+                               key=o.get("checkpoint_key"), strip_prefix=o.get("strip_prefix"))
     data_kwargs = cfg.table(config, "data_kwargs") or None
     dataset, modalities = load_dataset(o["data"], split_list(o.get("modalities")), kwargs=data_kwargs,
                                        nan_policy=o.get("nan_policy") or "error",
@@ -48,17 +52,25 @@ def load_inputs(o: dict[str, Any], config: dict[str, Any]) -> tuple[Any, Any, tu
     settings = {
         "model": o["model"],
         "checkpoint": o.get("checkpoint"),
-        "checkpoint_format": None if info is None else info.format,
+        **checkpoint_settings(info),
         "data": o["data"],
     }
     return model, dataset, tuple(modalities), settings
+
+
+def no_checkpoint_note(o: dict[str, Any]) -> str | None:
+    """The warning for a run without --checkpoint (a factory may load its weights itself)."""
+    if o.get("checkpoint"):
+        return None
+    return (f"no --checkpoint: analysing the weights that the factory {o.get('model')} returns. If it does "
+            "not load trained weights itself, these numbers describe an untrained model.")
 
 
 @handle_errors
 def analyze(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model factory: FILE.py:fn or package.module:fn."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="state_dict (.pt/.pth/.bin) or .safetensors."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights: a state_dict or training checkpoint (.pt/.pth/.bin/.ckpt), .safetensors, or a Hugging Face style folder."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="FILE.npz, FILE.pt or a dataset factory FILE.py:fn."),
     modalities: Optional[str] = opt.MODALITIES,
     call: Optional[str] = opt.CALL,
@@ -67,6 +79,8 @@ def analyze(
     mask: str = opt.MASK,
     mask_at: Optional[str] = opt.MASK_AT,
     trust_checkpoint: bool = opt.TRUST,
+    checkpoint_key: Optional[str] = opt.CHECKPOINT_KEY,
+    strip_prefix: Optional[str] = opt.STRIP_PREFIX,
     batch_size: int = typer.Option(256, "--batch-size", help="Evaluation batch size."),
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader workers."),
     device: str = opt.DEVICE,
@@ -92,14 +106,17 @@ def analyze(
     """Diagnose modality imbalance of a trained multimodal classifier."""
     from mmdiag.api import analyze as run_analyze
     from mmdiag.render import write_outputs
-    from mmdiag.verdict import VerdictThresholds
 
     conf, source = cfg.find_config(config)
     o = cfg.resolve(ctx, dict(ctx.params), conf, source, SETTINGS)
     # settings errors first: they are cheaper to find than an output folder, a model and data load
-    cs = cfg.collect_settings(conf, batch_size=int(o["batch_size"]), num_workers=int(o["num_workers"]),
+    cs = cfg.collect_settings(conf, source, batch_size=int(o["batch_size"]), num_workers=int(o["num_workers"]),
                               device=str(o["device"]), max_feature_samples=int(o["max_probe_samples"]),
                               max_subsets=int(o["max_subsets"]))
+    params = cfg.diagnostic_params(conf, source)
+    if o.get("balance_of"):
+        params.setdefault("balance", {})["of"] = o["balance_of"]
+    thresholds = cfg.verdict_thresholds(conf, source)
     gate_options = None
     if o.get("run_gate"):  # check the rules before the (long) analysis
         from mmdiag.cli.gate_cmd import analysis_gate_options
@@ -111,19 +128,16 @@ def analyze(
 
     init_from_env(str(o["device"]))
     the_model, dataset, mods, settings = load_inputs(o, conf)
+    no_checkpoint = no_checkpoint_note(o)
+    if no_checkpoint:
+        err_console.print(f"[bold yellow]warning:[/] {escape(no_checkpoint)}", highlight=False, soft_wrap=True)
     probe = None
     if o.get("probe_data"):
         from mmdiag.loading import load_dataset
 
         probe, _ = load_dataset(o["probe_data"], list(mods), nan_policy=o.get("nan_policy") or "error")
-    params = {k: dict(v) for k, v in cfg.table(conf, "params").items()}
-    if o.get("balance_of"):
-        params.setdefault("balance", {})["of"] = o["balance_of"]
-    try:
-        thresholds = VerdictThresholds(**cfg.table(conf, "thresholds"))
-    except TypeError as exc:
-        raise ConfigError(f"[thresholds] in the config: {exc}.") from None
-    with ProgressBar(not quiet) as bar:
+    with ProgressBar(not quiet) as bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", MmdiagWarning)  # printed from report.notes below
         report, ev = run_analyze(
             the_model, dataset, modalities=mods, call=o.get("call"),
             encoders=parse_pairs(o.get("encoder"), "--encoder"), head=o.get("head"), mask=o["mask"],
@@ -134,6 +148,9 @@ def analyze(
         )
     if not is_main_process():
         return
+    if no_checkpoint:
+        report.notes.insert(0, no_checkpoint)
+    print_warnings(report, err_console)
     write_outputs(report, out_dir, per_sample=report.diagnostics if o.get("per_sample") else None)
     if o.get("save_evidence"):
         ev.save(out_dir / "evidence.pt")

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mmdiag.errors import ConfigError, MmdiagError
+from mmdiag.errors import ConfigError, MmdiagError, exception_message, raised_in_user_code, user_code_error
 
 console = Console()
 err_console = Console(stderr=True)
@@ -23,22 +23,40 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def handle_errors(fn: F) -> F:
-    """Turn mmdiag errors into a one-paragraph message and exit code 2 (traceback with --debug)."""
+    """Turn every error into a one-paragraph message and exit code 2 (the traceback only with --debug).
+
+    mmdiag's own errors print their message. Any other exception is either raised in the user's
+    code (a traceback frame outside mmdiag, installed packages and the standard library), reported
+    as such with the file and line, or an internal error of mmdiag. Exit code 1 stays reserved for
+    a failing gate rule; typer's own exits and usage errors pass through.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except MmdiagError as exc:
-            if STATE["debug"]:
-                err_console.print(traceback.format_exc(), markup=False, highlight=False)
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            _fail(exception_message(exc), exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] in ("typer", "click"):
+                raise  # typer.Exit, typer.Abort and click's usage errors
+            if raised_in_user_code(exc):
+                _fail(str(user_code_error(exc, "running mmdiag")), 2)
+            _fail(f"internal error in mmdiag ({type(exc).__name__}: {exception_message(exc)}); rerun with "
+                  "--debug for the traceback and report it", 2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, code: int) -> None:
+    """Print the traceback (with --debug) and ``error: message``; exit with ``code``."""
+    if STATE["debug"]:
+        err_console.print(traceback.format_exc(), markup=False, highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
 
 
 def split_list(value: str | None) -> list[str] | None:

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 from mmdiag.errors import ConfigError
 from mmdiag.registry import closest
+from mmdiag.validation import COLLECT, SETTINGS, THRESHOLDS, Spec, check_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -61,11 +62,12 @@ def normalise_keys(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def resolve(ctx: Any, values: dict[str, Any], config: Mapping[str, Any], source: str | None,
-            allowed: Iterable[str]) -> dict[str, Any]:
-    """Merge config values under the command's flags.
+            allowed: Iterable[str], schema: Mapping[str, Spec] = SETTINGS) -> dict[str, Any]:
+    """Merge config values under the command's flags, and check each by type and range.
 
     A flag given on the command line (or by environment) wins; otherwise a config value replaces the
-    flag's default. Keys that are neither flags of the command nor known tables are an error.
+    flag's default. Keys that are neither flags of the command nor known tables are an error; so is
+    a value that does not fit its entry in ``schema`` (the message names the flag or the config key).
     """
     allowed = set(allowed)
     cfg = normalise_keys(config)
@@ -75,6 +77,7 @@ def resolve(ctx: Any, values: dict[str, Any], config: Mapping[str, Any], source:
             hint = f" Did you mean {near!r}?" if near else ""
             raise ConfigError(f"Unknown key {key!r} in {source or 'the config'}.{hint}")
     merged = dict(values)
+    from_config: set[str] = set()
     for key, value in cfg.items():
         if key in TABLES or key not in values:
             continue
@@ -83,7 +86,21 @@ def resolve(ctx: Any, values: dict[str, Any], config: Mapping[str, Any], source:
         if src in ("COMMANDLINE", "ENVIRONMENT"):
             continue
         merged[key] = value
-    return merged
+        from_config.add(key)
+    flags = {p.name: p.opts[0] for p in getattr(getattr(ctx, "command", None), "params", []) if p.opts}
+
+    def name(key: str) -> str:
+        if key in from_config:
+            return f"{key} in {source or 'the config'}"
+        return flags.get(key, "--" + key.replace("_", "-"))
+
+    return check_fields(merged, schema, name)
+
+
+def check_flags(ctx: Any, values: dict[str, Any], schema: Mapping[str, Spec] = SETTINGS) -> dict[str, Any]:
+    """Check values that come from flags (or a saved run) by type and range, naming the flags."""
+    flags = {p.name: p.opts[0] for p in getattr(getattr(ctx, "command", None), "params", []) if p.opts}
+    return check_fields(values, schema, lambda key: flags.get(key, "--" + key.replace("_", "-")))
 
 
 def table(config: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -94,7 +111,7 @@ def table(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     return dict(value)
 
 
-def collect_settings(config: Mapping[str, Any], **flags: Any) -> Any:
+def collect_settings(config: Mapping[str, Any], source: str | None = None, **flags: Any) -> Any:
     """:class:`~mmdiag.collect.CollectSettings` from the flags' values and the config's ``[collect]`` table."""
     from dataclasses import fields
 
@@ -110,9 +127,37 @@ def collect_settings(config: Mapping[str, Any], **flags: Any) -> Any:
             near = closest(key, known)
             hint = f" Did you mean {near!r}?" if near else f" Known: {', '.join(known)}."
             raise ConfigError(f"Unknown key {key!r} in [collect].{hint}")
-    if "noise_levels" in extra:
-        extra["noise_levels"] = tuple(extra["noise_levels"])
+    extra = check_fields(extra, COLLECT, lambda key: f"[collect] {key} in {source or 'the config'}")
+    return CollectSettings(**flags, **extra)
+
+
+def verdict_thresholds(config: Mapping[str, Any], source: str | None = None) -> Any:
+    """:class:`~mmdiag.verdict.VerdictThresholds` from the config's ``[thresholds]`` table, checked key by key."""
+    from mmdiag.verdict import VerdictThresholds
+
+    values = table(config, "thresholds")
+    for key in values:
+        if key not in THRESHOLDS:
+            near = closest(key, list(THRESHOLDS))
+            hint = f" Did you mean {near!r}?" if near else f" Known: {', '.join(THRESHOLDS)}."
+            raise ConfigError(f"Unknown key {key!r} in [thresholds] of {source or 'the config'}.{hint}")
+    values = check_fields(values, THRESHOLDS, lambda key: f"[thresholds] {key} in {source or 'the config'}")
+    return VerdictThresholds(**values)
+
+
+def diagnostic_params(config: Mapping[str, Any], source: str | None = None) -> dict[str, dict[str, Any]]:
+    """The ``[params.<diagnostic>]`` tables, checked: known diagnostics, known parameters, right types."""
+    from mmdiag.api import build_diagnostics
+
+    where = source or "the config"
+    params: dict[str, dict[str, Any]] = {}
+    for name, value in table(config, "params").items():
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"[params.{name}] in {where} must be a table of the diagnostic's parameters "
+                              f"(e.g. [params.{name}] then key = value lines); found {value!r}.")
+        params[name] = dict(value)
     try:
-        return CollectSettings(**flags, **extra)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[collect] in the config: {exc}.") from None
+        build_diagnostics(list(params), params)  # unknown names, parameters and types fail here
+    except ConfigError as exc:
+        raise ConfigError(f"[params] in {where}: {exc}") from None
+    return params

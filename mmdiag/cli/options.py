@@ -17,6 +17,8 @@ HEAD: Optional[str] = typer.Option(None, "--head", help="Dotted name of the fusi
 MASK: str = typer.Option("zero", "--mask", help="How an absent modality is filled: zero, mean or noise.")
 MASK_AT: Optional[str] = typer.Option(None, "--mask-at", help="input or feature (default: feature when encoders are known).")
 TRUST: bool = typer.Option(False, "--trust-checkpoint", help="Allow checkpoints that need full unpickling (runs code from the file).")
+CHECKPOINT_KEY: Optional[str] = typer.Option(None, "--checkpoint-key", help="Entry of the checkpoint that holds the state dict, e.g. ema_state_dict or model.state_dict (default: detected).")
+STRIP_PREFIX: Optional[str] = typer.Option(None, "--strip-prefix", help="Strip exactly this prefix from the checkpoint's keys, e.g. model. (default: detected).")
 DEVICE: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 NAN_POLICY: str = typer.Option("error", "--nan-policy", help="Samples with NaN/Inf inputs: error or skip.")
 NUM_CLASSES: Optional[int] = typer.Option(None, "--num-classes", help="Number of classes (default: from the labels).")

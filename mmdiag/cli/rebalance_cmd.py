@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import TextColumn
 from rich.table import Table
 
@@ -17,6 +18,7 @@ from mmdiag.cli.analyze import SETTINGS as ANALYZE_SETTINGS
 from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, parse_pairs, split_list
 from mmdiag.errors import ConfigError
 from mmdiag.registry import closest
+from mmdiag.validation import REBALANCE
 
 HELP = """Retrain a multimodal classifier with the fix that matches its diagnosis, and compare.
 
@@ -29,15 +31,15 @@ OUT/history.csv, OUT/comparison.json and OUT/comparison.csv. An interrupted run 
 #: Flags that config files (top level or the [rebalance] table) may set.
 SETTINGS = (
     "model", "checkpoint", "data", "val_data", "modalities", "call", "encoder", "head", "mask", "mask_at",
-    "trust_checkpoint", "fix", "fix_param", "epochs", "optimizer", "lr", "weight_decay", "momentum", "batch_size",
-    "seed", "device", "init", "baseline", "grad_clip", "bootstrap", "only", "skip", "format", "out", "overwrite",
-    "nan_policy", "num_classes",
+    "trust_checkpoint", "checkpoint_key", "strip_prefix", "fix", "fix_param", "epochs", "optimizer", "lr",
+    "weight_decay", "momentum", "batch_size", "seed", "device", "init", "baseline", "grad_clip", "bootstrap",
+    "only", "skip", "format", "out", "overwrite", "nan_policy", "num_classes",
 )
 #: Settings that define the training; a resumed run must not change them.
 TRAINING_KEYS = (
-    "model", "checkpoint", "data", "val_data", "modalities", "call", "encoder", "head", "mask", "mask_at", "fix",
-    "fix_param", "epochs", "optimizer", "lr", "weight_decay", "momentum", "batch_size", "seed", "init", "baseline",
-    "grad_clip", "nan_policy", "num_classes",
+    "model", "checkpoint", "checkpoint_key", "strip_prefix", "data", "val_data", "modalities", "call", "encoder",
+    "head", "mask", "mask_at", "fix", "fix_param", "epochs", "optimizer", "lr", "weight_decay", "momentum",
+    "batch_size", "seed", "init", "baseline", "grad_clip", "nan_policy", "num_classes",
 )
 _RUN_FILE = "run.json"
 
@@ -136,7 +138,7 @@ def _merge_config(ctx: typer.Context, conf: dict[str, Any], source: str | None) 
     top = {k: v for k, v in conf.items() if k != "rebalance"}
     merged_conf = {**top, **table}
     allowed = set(SETTINGS) | set(ANALYZE_SETTINGS)
-    o = cfg.resolve(ctx, dict(ctx.params), merged_conf, source, allowed)
+    o = cfg.resolve(ctx, dict(ctx.params), merged_conf, source, allowed, schema=REBALANCE)
     return o, fix_params
 
 
@@ -165,7 +167,7 @@ def _resume_options(ctx: typer.Context, o: dict[str, Any], folder: Path) -> tupl
         if src == "COMMANDLINE":
             opts[key] = o.get(key)
     opts["out"] = str(folder)
-    return opts, tables
+    return cfg.check_flags(ctx, opts, REBALANCE), tables
 
 
 def _normal(v: Any) -> Any:
@@ -220,6 +222,8 @@ def rebalance(
     mask: str = opt.MASK,
     mask_at: Optional[str] = opt.MASK_AT,
     trust_checkpoint: bool = opt.TRUST,
+    checkpoint_key: Optional[str] = opt.CHECKPOINT_KEY,
+    strip_prefix: Optional[str] = opt.STRIP_PREFIX,
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the analyses' 95% intervals."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated diagnostics for the analyses."),
     skip: Optional[str] = typer.Option(None, "--skip", help="Comma-separated diagnostics to leave out of the analyses."),
@@ -248,9 +252,11 @@ def rebalance(
         conf, source = cfg.find_config(config)
         o, fix_params = _merge_config(ctx, conf, source)
         model_kwargs, data_kwargs = cfg.table(conf, "model_kwargs"), cfg.table(conf, "data_kwargs")
-        analyze_params = {k: dict(v) for k, v in cfg.table(conf, "params").items()}
+        analyze_params = cfg.diagnostic_params(conf, source)
         threshold_table = cfg.table(conf, "thresholds")
+        cfg.verdict_thresholds(conf, source)  # unknown keys and bad values fail before any work
         collect_table = cfg.table(conf, "collect")
+        cfg.collect_settings(conf, source, device=str(o["device"]))
         for item in o.get("fix_param") or []:
             key, sep, value = str(item).partition("=")
             if not sep or not key.strip():
@@ -294,12 +300,7 @@ def rebalance(
                        "collect": dict(collect_table)},
         }, indent=2, default=str) + "\n")
 
-    from mmdiag.verdict import VerdictThresholds
-
-    try:
-        thresholds = VerdictThresholds(**threshold_table)
-    except TypeError as exc:
-        raise ConfigError(f"[thresholds] in the config: {exc}.") from None
+    thresholds = cfg.verdict_thresholds({"thresholds": threshold_table})
     collect_settings = cfg.collect_settings({"collect": collect_table}, device=str(o["device"]))
     formats = o.get("format") or ("json", "csv", "html", "png")
     settings = {"model": spec, "checkpoint": None if not o.get("checkpoint") else str(o["checkpoint"]),
@@ -310,6 +311,7 @@ def rebalance(
             result = run_rebalance(
                 lambda: build_model(spec, kwargs), train_ds, val_data=val_ds,
                 checkpoint=o.get("checkpoint"), trust_checkpoint=bool(o.get("trust_checkpoint")),
+                checkpoint_key=o.get("checkpoint_key"), strip_prefix=o.get("strip_prefix"),
                 fix=o["fix"], fix_params=fix_params, init=o["init"], epochs=int(o["epochs"]),
                 optimizer=o["optimizer"], lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
                 momentum=float(o["momentum"]), batch_size=int(o["batch_size"]), seed=int(o["seed"]),
@@ -328,7 +330,13 @@ def rebalance(
     if not main_rank or result.after is None:  # under torchrun only rank 0 prints
         return
     for note in result.notes:
-        console.print(f"[dim]note: {note}[/]", highlight=False)
+        console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+    said: set[str] = set()
+    for report in (result.before, result.baseline, result.after):
+        for note in (report.notes if report is not None else []):
+            if note not in said:  # each change of method once, on stderr
+                said.add(note)
+                err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     choice = result.choice
     if choice.get("requested") == "auto":
         console.print(f"fix auto -> [bold]{result.fix}[/]: {choice.get('note')}", highlight=False)

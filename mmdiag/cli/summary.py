@@ -42,3 +42,13 @@ def print_summary(report: Report, console: Console) -> None:
     v = report.verdict
     colour = {"strong": "red", "mild": "yellow"}.get(v.severity, "green")
     console.print(f"[bold {colour}]verdict:[/] {escape(v.headline())}", highlight=False)
+
+
+def print_warnings(report: Report, console: Console) -> None:
+    """One line per change of method, chance-level accuracy, and skipped diagnostic (on stderr)."""
+    for note in report.notes:
+        console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    for f in report.failures:
+        if f.kind == "skipped":
+            console.print(f"[bold yellow]warning:[/] {escape(f.diagnostic)} skipped: {escape(f.error)}",
+                          highlight=False, soft_wrap=True)

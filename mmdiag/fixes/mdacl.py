@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdiag.adapter import first_tensor, pool
+from mmdiag.adapter import first_tensor
 from mmdiag.errors import ConfigError
 from mmdiag.fixes._common import check_range, grad_scale, reduce_mean, require_encoders
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
@@ -235,7 +235,7 @@ class MDACL(Fix):
         target = contribution_target(step.logits, step.labels, self.target)
         grads = dict(zip(needs, torch.autograd.grad(target, [feats[m] for m in needs], retain_graph=True,
                                                     allow_unused=True))) if needs else {}
-        pooled = {m: pool(feats[m]) for m in mods}
+        pooled = {m: ctx.adapter.pooled(m, feats[m]) for m in mods}
         local = torch.tensor([spectral_entropy(pooled[m]) for m in mods] + [
             gradient_contribution(grads[m], feats[m]) if grads.get(m) is not None else 0.0 for m in mods])
         stats = reduce_mean(ctx, local).tolist()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdiag.adapter import find_module, pool, unwrap
+from mmdiag.adapter import find_module, unwrap
 from mmdiag.errors import ConfigError
 from mmdiag.fixes._common import check_range
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
@@ -121,7 +121,7 @@ class OGMGE(Fix):
         if self._split is None:
             self._split = False
             if self.readout != "mask" and isinstance(head, nn.Linear) and feats:
-                pooled = {m: pool(feats[m]).detach() for m in mods}
+                pooled = {m: ctx.adapter.pooled(m, feats[m]).detach() for m in mods}
                 if sum(p.shape[1] for p in pooled.values()) == head.in_features:
                     replay = F.linear(torch.cat([pooled[m] for m in mods], dim=1), head.weight, head.bias)
                     self._split = bool(torch.allclose(replay, step.logits.detach(), atol=1e-4, rtol=1e-3))
@@ -131,7 +131,7 @@ class OGMGE(Fix):
                     "pooled encoder outputs, in modality order; this model's is not. Use readout='auto'."
                 )
         if self._split and isinstance(head, nn.Linear):
-            pooled = {m: pool(feats[m]).detach() for m in mods}
+            pooled = {m: ctx.adapter.pooled(m, feats[m]).detach() for m in mods}
             return head_split_logits(head, pooled, mods)
         return {m: step.readout(ctx, [m]) for m in mods}
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdiag.adapter import map_tensors, pool
+from mmdiag.adapter import map_tensors
 from mmdiag.fixes._common import check_range, mean_abs_logits, reduce_mean, require_encoders
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
@@ -220,7 +220,7 @@ class UDML(Fix):
         self._step_sigma = {}
         log_var = {}
         for m in mods:
-            log_var[m] = ctx.aux[f"udml_noise_{m}"](pool(step.features[m]).detach().float()).squeeze(1)
+            log_var[m] = ctx.aux[f"udml_noise_{m}"](ctx.adapter.pooled(m, step.features[m]).detach().float()).squeeze(1)
             self._step_sigma[m] = torch.exp(0.5 * log_var[m])
         if step.epoch < self._warm():
             t = {m: torch.ones(batch, device=step.labels.device) for m in mods}

@@ -13,10 +13,12 @@ was expected, what was found and what to try:
 
 Nothing here prints: functions take Python objects and return data or raise.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (or safetensors), which cannot run
-code. Anything that needs real unpickling -- a pickled ``nn.Module``, a TorchScript archive, a
-checkpoint holding arbitrary Python objects -- is refused unless the caller passes ``trust=True``
-(``--trust-checkpoint`` on the command line).
+Checkpoints are files or Hugging Face style folders in the layouts of
+:mod:`mmdiag.loading.layouts` (a bare state dict, a wrapper dict, a Lightning ``.ckpt``, DDP and
+``torch.compile`` prefixes, sharded weights). They are read with ``torch.load(weights_only=True)``
+(or safetensors), which cannot run code. Anything that needs real unpickling -- a pickled
+``nn.Module``, a TorchScript archive, a checkpoint holding arbitrary Python objects -- is refused
+unless the caller passes ``trust=True`` (``--trust-checkpoint`` on the command line).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 from mmdiag.loading.checkpoints import (
     TRUST_HINT,
     CheckpointInfo,
+    checkpoint_settings,
     load_checkpoint,
     save_state_dict,
 )
@@ -49,6 +52,7 @@ __all__ = [
     "NAN_POLICIES",
     "TRUST_HINT",
     "build_model",
+    "checkpoint_settings",
     "collate",
     "dataset_from_arrays",
     "flatten_item",

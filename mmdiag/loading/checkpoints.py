@@ -1,36 +1,41 @@
-"""Reading checkpoints safely (weights_only, safetensors, trust) and loading them into a model."""
+"""Reading checkpoints safely (weights_only, safetensors, trust) and loading them into a model.
+
+Where the weights sit in what was read, and how their names map onto the model's, is
+:mod:`mmdiag.loading.layouts`; Hugging Face style folders are :mod:`mmdiag.loading.folders`;
+looking inside a pickle without running it is :mod:`mmdiag.loading.pickles`.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import pickle
-import pickletools
-import re
 import struct
 import tempfile
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
 from mmdiag.errors import ConfigError, LoadError
+from mmdiag.loading.folders import folder_plan, merge_shards
+from mmdiag.loading.layouts import SHOW, differences, match_keys, mismatch_error, unwrap
+from mmdiag.loading.pickles import (
+    _Corrupt,
+    _numpy_scalar_globals,
+    _objects_beside_weights,
+    _quiet,
+    _untrusted_content,
+)
 
 #: The advice that ends every refusal to unpickle an untrusted checkpoint.
 TRUST_HINT = (
     "Pass --trust-checkpoint only if the file comes from a source you trust; otherwise re-save it "
     "as a plain state dict (torch.save(model.state_dict(), path)) or as .safetensors."
 )
-
-_WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net", "module")
-_STRIP_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
-_SHOW = 5  # how many keys of each kind a mismatch message lists
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,9 +47,14 @@ _SHOW = 5  # how many keys of each kind a mismatch message lists
 class CheckpointInfo:
     """What :func:`load_checkpoint` found and did.
 
-    ``format`` is "torch", "safetensors", "torchscript" or "module-pickle"; ``wrapper`` the key of
-    the dict the state dict was found under (``None`` for a bare state dict); ``stripped_prefix``
-    the prefix removed from every key ("module.", "_orig_mod." or both, ``None`` if none);
+    ``format`` is "torch", "safetensors", "torchscript" or "module-pickle"; ``layout`` how the
+    weights were stored: "state-dict" (a bare state dict), "wrapped" (under a key of a dict),
+    "lightning" (a Lightning checkpoint), "module" (a whole pickled module), "hf-folder" or
+    "hf-sharded" (a Hugging Face style folder, ``files`` lists the weight files read); ``wrapper``
+    the key of the dict the state dict was read from (``None`` for a bare state dict);
+    ``stripped_prefix`` the prefix removed from the keys ("module.", "model.", "_orig_mod."...;
+    ``None`` if none); ``dropped`` the checkpoint keys outside that prefix, left out because the
+    rest matched the model exactly (a LightningModule's loss or teacher modules, say);
     ``n_tensors`` the number of tensors in the checkpoint's state dict. With ``strict=False`` the
     keys that were not loaded are listed in ``missing`` (model keys absent from the checkpoint),
     ``unexpected`` (checkpoint keys the model lacks) and ``mismatched`` (keys whose shapes differ).
@@ -58,10 +68,23 @@ class CheckpointInfo:
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     mismatched: tuple[str, ...] = ()
+    layout: str = "state-dict"
+    dropped: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
 
 
-class _Corrupt(Exception):
-    """Internal: the file is not a readable checkpoint."""
+def checkpoint_settings(info: CheckpointInfo | None) -> dict[str, Any]:
+    """The ``settings`` entries of a report about the checkpoint loaded (all ``None`` without one)."""
+    if info is None:
+        return dict.fromkeys(("checkpoint_format", "checkpoint_layout", "checkpoint_key",
+                              "checkpoint_prefix_stripped", "checkpoint_keys_dropped"))
+    return {
+        "checkpoint_format": info.format,
+        "checkpoint_layout": info.layout,
+        "checkpoint_key": info.wrapper,
+        "checkpoint_prefix_stripped": info.stripped_prefix,
+        "checkpoint_keys_dropped": len(info.dropped),
+    }
 
 
 def _corrupt_error(path: Path, reason: str) -> LoadError:
@@ -109,74 +132,6 @@ def _is_torchscript_zip(path: Path) -> bool:
     return False
 
 
-def _pickle_globals(data: bytes | io.BufferedIOBase, n_pickles: int = 1) -> list[str]:
-    """Globals referenced by the first ``n_pickles`` pickles, read without executing anything.
-
-    Raises :class:`_Corrupt` when the bytes are not a well-formed pickle.
-    """
-    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    found: list[str] = []
-    for _ in range(n_pickles):
-        strings: list[str] = []
-        saw_stop = False
-        try:
-            for op, arg, _pos in pickletools.genops(stream):
-                if op.name == "GLOBAL" and isinstance(arg, str):
-                    found.append(arg.replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str) and "UNICODE" in op.name:
-                    strings.append(arg)
-                if op.name == "STOP":
-                    saw_stop = True
-        except Exception as e:
-            raise _Corrupt(f"its pickle data is malformed ({type(e).__name__}: {e})") from e
-        if not saw_stop:
-            raise _Corrupt("its pickle data ends early")
-    return found
-
-
-_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D102 - refuse everything
-        raise pickle.UnpicklingError(f"global {module}.{name} not allowed")
-
-
-def _untrusted_content(path: Path) -> list[str]:
-    """The non-tensor globals of a torch checkpoint, read without running it (or ``_Corrupt``)."""
-    if zipfile.is_zipfile(path):
-        try:
-            with zipfile.ZipFile(path) as z:
-                pkl = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-                if not pkl:
-                    raise _Corrupt("it is a zip archive without the data.pkl of a torch.save file")
-                data = z.read(pkl[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise _Corrupt(f"its zip archive is damaged ({type(e).__name__}: {e})") from e
-        names = _pickle_globals(data)
-    else:
-        try:
-            with open(path, "rb") as f:
-                try:
-                    magic = _NoGlobals(f).load()
-                except Exception as e:
-                    raise _Corrupt(f"it does not start with a pickle ({type(e).__name__}: {e})") from e
-                if magic != _TORCH_MAGIC:
-                    raise _Corrupt("it is neither a zip archive nor a legacy torch.save file")
-                names = _pickle_globals(f, n_pickles=3)  # protocol, sys_info, the object
-        except OSError as e:
-            raise _Corrupt(f"{type(e).__name__}: {e}") from e
-    harmless = ("torch._utils.", "torch.storage.", "collections.OrderedDict", "torch.Size")
-    odd = []
-    for n in names:
-        if n.startswith(harmless) or re.fullmatch(r"torch\.\w*Storage", n) or n in odd:
-            continue
-        odd.append(n)
-    return odd
-
-
 def _weights_only_refusal(e: BaseException) -> bool:
     text = str(e)
     return isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text or (
@@ -184,25 +139,8 @@ def _weights_only_refusal(e: BaseException) -> bool:
     )
 
 
-def _numpy_scalar_globals() -> list[Any]:
-    try:
-        from numpy._core.multiarray import scalar  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    allowed: list[Any] = [
-        np.dtype,
-        scalar,
-        (scalar, "numpy.core.multiarray.scalar"),  # the name numpy 1.x pickles under
-        (scalar, "numpy._core.multiarray.scalar"),
-    ]
-    for name in dir(np.dtypes):
-        if name.endswith("DType") and name not in ("ObjectDType", "StringDType", "VoidDType"):
-            allowed.append(getattr(np.dtypes, name))
-    return allowed
-
-
-def _read_checkpoint(path: Path, trust: bool) -> tuple[Any, str]:
-    """The raw object in ``path`` and its format name."""
+def _read_checkpoint(path: Path, trust: bool, key: str | None = None) -> tuple[Any, str]:
+    """The raw object in ``path`` and its format name (``key``: where the weights are, for messages)."""
     if _looks_like_safetensors(path):
         try:
             from safetensors.torch import load_file
@@ -256,8 +194,9 @@ def _read_checkpoint(path: Path, trust: bool) -> tuple[Any, str]:
         raise _corrupt_error(path, f"{type(first).__name__}: {_first_line(text)}") from first
     if not trust:
         shown = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
-        what = "it contains Python objects other than tensors" + (
-            f" (it references {shown})" if shown else ""
+        what = _objects_beside_weights(path, odd, key) or (
+            "it contains Python objects other than tensors"
+            + (f" (it references {shown})" if shown else "")
         )
         raise _refused(path, what)
     try:
@@ -274,142 +213,78 @@ def _read_checkpoint(path: Path, trust: bool) -> tuple[Any, str]:
         raise _corrupt_error(path, f"{type(e).__name__}: {_first_line(str(e))}") from e
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence torch's loader warnings (deprecations, pickle protocol notes): what matters is
-    reported through the result or a LoadError."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 def _first_line(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "(no message)"
     return line[:300]
 
 
-def _is_tensor_map(obj: Any) -> bool:
-    if not isinstance(obj, Mapping) or not obj:
-        return False
-    return all(
-        isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
-        for k, v in obj.items()
-    )
-
-
-def _unwrap(obj: Any, path: Path, fmt: str) -> tuple[dict[str, Any], str, str | None]:
-    """(state dict, format, wrapper key) from whatever the checkpoint file held."""
-    if isinstance(obj, nn.Module):
-        return dict(obj.state_dict()), ("torchscript" if fmt == "torchscript" else "module-pickle"), None
-    if _is_tensor_map(obj):
-        return dict(obj), fmt, None
-    if isinstance(obj, Mapping):
-        for key in _WRAPPER_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, nn.Module):
-                return dict(inner.state_dict()), "module-pickle", key
-            if _is_tensor_map(inner):
-                return dict(inner), fmt, key
-        keys = [repr(k) for k in list(obj)[:10]]
-        found = f"a dict with keys {', '.join(keys)}" + (" ..." if len(obj) > 10 else "")
-        if not obj:
-            found = "an empty dict"
+def _read_folder(path: Path, trust: bool) -> tuple[dict[str, Any], str, str, tuple[str, ...]]:
+    """(state dict, format, layout, files read) of a Hugging Face style folder."""
+    layout, files, weight_map = folder_plan(path)
+    parts = []
+    fmt = "torch"
+    for f in files:
+        raw, fmt = _read_checkpoint(f, trust)
+        parts.append((f, raw))
+    if weight_map is None:
+        state, fmt, _, _ = unwrap(parts[0][1], files[0], fmt)
     else:
-        found = f"a {type(obj).__module__}.{type(obj).__qualname__}"
-    raise LoadError(
-        f"Checkpoint {path} holds {found}; expected a state dict (a mapping of parameter names to "
-        f"tensors), a dict with one under 'state_dict', 'model_state_dict', 'model', 'net' or "
-        f"'module', or a whole nn.Module. Re-save it with torch.save(model.state_dict(), path)."
-    )
-
-
-def _strip_prefixes(state: dict[str, Any], model_keys: Sequence[str]) -> tuple[dict[str, Any], str | None]:
-    stripped = ""
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in _STRIP_PREFIXES:
-            if all(k.startswith(prefix) for k in state) and not any(
-                k.startswith(prefix) for k in model_keys
-            ):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                stripped += prefix
-                changed = True
-    return state, (stripped or None)
-
-
-def _shape(t: Any) -> tuple[int, ...] | None:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
-
-
-def _list_keys(keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:_SHOW])
-    return shown + (", ..." if len(keys) > _SHOW else "")
+        state = merge_shards(path, parts, weight_map)
+    return state, fmt, layout, tuple(str(f) for f in files)
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | Path, *, trust: bool = False, strict: bool = True
+    model: nn.Module,
+    path: str | Path,
+    *,
+    trust: bool = False,
+    strict: bool = True,
+    key: str | None = None,
+    strip_prefix: str | None = None,
 ) -> CheckpointInfo:
     """Load the weights in ``path`` into ``model`` (in place) and say what was found.
 
-    ``.safetensors`` files are read with safetensors; anything else with
-    ``torch.load(weights_only=True)``. Pickled modules, TorchScript archives and checkpoints with
-    arbitrary Python objects need ``trust=True``. Wrapper dicts (``{"state_dict": ...}`` and
-    friends) are unwrapped and ``module.``/``_orig_mod.`` prefixes stripped when the model's keys
-    lack them. Keys and shapes are compared before loading: with ``strict`` any difference is a
-    :class:`LoadError`; without it, what fits is loaded and the rest is listed in the result.
+    ``path`` is a file or a Hugging Face style folder (``model.safetensors``, ``pytorch_model.bin``
+    or their sharded forms with an index). ``.safetensors`` files are read with safetensors;
+    anything else with ``torch.load(weights_only=True)``. Pickled modules, TorchScript archives and
+    checkpoints with arbitrary Python objects need ``trust=True``. The state dict is taken from the
+    entry ``key`` when given (a dotted path reaches into nested dicts), else from a bare state dict,
+    a wrapper dict (``{"state_dict": ...}``, a Lightning checkpoint and friends). A prefix is
+    stripped when one makes the keys match the model's (``module.``, ``_orig_mod.``, a
+    LightningModule's attribute, ...; see :mod:`mmdiag.loading.layouts`), or exactly
+    ``strip_prefix`` when given. Keys and shapes are compared before loading: with ``strict`` any
+    difference is a :class:`LoadError`; without it, what fits is loaded and the rest is listed.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise LoadError(
             f"Checkpoint {path} does not exist (looked in {path.resolve()}). Expected a file "
-            f"written by torch.save or safetensors; check the path given to --checkpoint."
+            f"written by torch.save or safetensors, or a folder written by save_pretrained; check "
+            f"the path given to --checkpoint."
         )
-    if not path.is_file():
-        raise LoadError(
-            f"Checkpoint {path} is a folder, expected a single file written by torch.save or "
-            f"safetensors. Point --checkpoint at the weights file inside it."
-        )
-    if path.stat().st_size == 0:
-        raise _corrupt_error(path, "it is empty (0 bytes)")
-    raw, fmt = _read_checkpoint(path, trust)
-    state, fmt, wrapper = _unwrap(raw, path, fmt)
+    files: tuple[str, ...] = (str(path),)
+    if path.is_dir() or path.name.endswith(".index.json"):
+        if key is not None:
+            raise ConfigError(
+                f"--checkpoint-key {key} names an entry of a checkpoint file, but {path} is a "
+                f"folder of weight files (or their index), which hold bare state dicts. Drop "
+                f"--checkpoint-key."
+            )
+        state, fmt, layout, files = _read_folder(path, trust)
+        wrapper = None
+    else:
+        if path.stat().st_size == 0:
+            raise _corrupt_error(path, "it is empty (0 bytes)")
+        raw, fmt = _read_checkpoint(path, trust, key)
+        state, fmt, wrapper, layout = unwrap(raw, path, fmt, key)
     n_tensors = sum(isinstance(v, torch.Tensor) for v in state.values())
 
     model_state = model.state_dict()
-    state, stripped = _strip_prefixes(state, list(model_state))
-    missing = [
-        k for k in model_state if k not in state and not k.endswith("num_batches_tracked")
-    ]  # BatchNorm fills a missing counter itself
-    unexpected = [k for k in state if k not in model_state]
-    mismatched = [
-        k for k in model_state if k in state and _shape(state[k]) != _shape(model_state[k])
-    ]
+    match = match_keys(state, model_state, path, strip_prefix, drop_others=layout == "lightning")
+    missing, unexpected, mismatched = differences(match.state, model_state)
     if strict and (missing or unexpected or mismatched):
-        parts = []
-        if missing:
-            parts.append(
-                f"{len(missing)} model key(s) missing from the checkpoint ({_list_keys(missing)})"
-            )
-        if unexpected:
-            parts.append(
-                f"{len(unexpected)} unexpected checkpoint key(s) the model lacks "
-                f"({_list_keys(unexpected)})"
-            )
-        if mismatched:
-            shapes = [
-                f"{k}: checkpoint {_shape(state[k])} vs model {_shape(model_state[k])}"
-                for k in mismatched
-            ]
-            parts.append(f"{len(mismatched)} shape mismatch(es) ({_list_keys(shapes)})")
-        raise LoadError(
-            f"Checkpoint {path} does not fit the model: expected the model's "
-            f"{len(model_state)} keys with the same shapes, found {n_tensors} tensors with "
-            + "; ".join(parts)
-            + ". Check that --model builds the same architecture (and its keyword arguments) as "
-            "the one that was trained."
-        )
-    to_load = {k: v for k, v in state.items() if k in model_state and k not in mismatched}
+        raise mismatch_error(path, match, model_state, n_tensors, strip_prefix is not None)
+    to_load = {k: v for k, v in match.state.items() if k in model_state and k not in mismatched}
     try:
         model.load_state_dict(to_load, strict=False)
     except Exception as e:
@@ -422,11 +297,14 @@ def load_checkpoint(
         path=str(path),
         format=fmt,
         wrapper=wrapper,
-        stripped_prefix=stripped,
+        stripped_prefix=match.prefix,
         n_tensors=n_tensors,
         missing=tuple(missing),
         unexpected=tuple(unexpected),
         mismatched=tuple(mismatched),
+        layout=layout,
+        dropped=match.dropped,
+        files=files,
     )
 
 
@@ -453,7 +331,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> None
     if bad:
         raise ConfigError(
             f"Cannot save a state dict to {path}: expected a mapping of str names to tensors, "
-            f"found non-tensor entries {', '.join(map(repr, bad[:_SHOW]))}. Pass "
+            f"found non-tensor entries {', '.join(map(repr, bad[:SHOW]))}. Pass "
             f"model.state_dict() or a dict of tensors."
         )
     folder = path.parent

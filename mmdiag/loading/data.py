@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import getitem
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from mmdiag.errors import ConfigError, EvidenceError, LoadError
+from mmdiag.errors import ConfigError, EvidenceError, LoadError, call_user, user_location
 from mmdiag.loading.checkpoints import _first_line, _quiet, _weights_only_refusal
 from mmdiag.loading.models import _callable_name, call_factory
 from mmdiag.registry import closest
@@ -153,6 +154,14 @@ def _nonfinite_rows(arr: np.ndarray, chunk: int = 8192) -> np.ndarray:
     return bad
 
 
+#: The refusal of multi-hot labels (several classes per sample), shared by every data path.
+MULTI_LABEL = (
+    "{what} have shape {shape} with several classes marked for some samples: multi-label "
+    "classification is not supported yet (mmdiag's diagnostics read one true class per sample). "
+    "For a single-label task stored one-hot, save labels.argmax(axis=1) instead."
+)
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -160,6 +169,8 @@ def _plural(n: int, word: str) -> str:
 def _validate_labels(raw: np.ndarray, key: str, source: str, num_classes: int | None) -> np.ndarray:
     if raw.ndim == 2 and raw.shape[1] == 1:
         raw = raw[:, 0]
+    if raw.ndim == 2 and np.isin(raw, (0, 1)).all() and (raw.sum(axis=1) != 1).any():
+        raise EvidenceError(MULTI_LABEL.format(what=f"Labels {key!r} in {source}", shape=tuple(raw.shape)))
     if raw.ndim != 1:
         raise EvidenceError(
             f"Labels {key!r} in {source} have shape {tuple(raw.shape)}; expected one integer class "
@@ -551,7 +562,8 @@ class DictDataset(Dataset):
         if nan_policy == "skip":
             keep = []
             for i in range(len(dataset)):
-                if self._nonfinite(self._convert(dataset[i])) is None:
+                raw = call_user(getitem, f"reading item {i} of {source}", dataset, i)
+                if self._nonfinite(self._convert(raw)) is None:
                     keep.append(i)
             self.dropped = len(dataset) - len(keep)
             if not keep:
@@ -589,7 +601,7 @@ class DictDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j = self._index[i] if self._index is not None else i
-        item = self._convert(self.dataset[j])
+        item = self._convert(call_user(getitem, f"reading item {j} of {self.source}", self.dataset, j))
         bad = self._nonfinite(item)
         if bad is not None:
             raise EvidenceError(
@@ -664,8 +676,8 @@ def _from_factory(
             ) from None
         except Exception as e:
             raise LoadError(
-                f"Reading the first batch of {source} raised {type(e).__name__}: {e}. Check that "
-                f"iterating the DataLoader works on its own."
+                f"Reading the first batch of {source} raised {type(e).__name__}{user_location(e)}: {e}. "
+                f"Check that iterating the DataLoader works on its own."
             ) from e
         flat = flatten_item(first, source=source)
         return obj, _check_first_item(flat, modalities, source, batched=True)
@@ -680,7 +692,7 @@ def _from_factory(
     try:
         n = len(obj)
     except Exception as e:
-        raise LoadError(f"len() of {source} raised {type(e).__name__}: {e}.") from e
+        raise LoadError(f"len() of {source} raised {type(e).__name__}{user_location(e)}: {e}.") from e
     if n == 0:
         raise EvidenceError(
             f"{source} is empty (len() is 0); expected at least one sample. Check the split and "
@@ -690,8 +702,8 @@ def _from_factory(
         first = obj[0]
     except Exception as e:
         raise LoadError(
-            f"Reading item 0 of {source} raised {type(e).__name__}: {e}. Check that indexing the "
-            f"dataset works on its own."
+            f"Reading item 0 of {source} raised {type(e).__name__}{user_location(e)}: {e}. Check that "
+            f"indexing the dataset works on its own."
         ) from e
     chosen = _check_first_item(flatten_item(first, source=source), modalities, source, batched=False)
     return (

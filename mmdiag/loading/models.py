@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 from torch import nn
 
-from mmdiag.errors import ConfigError, LoadError
+from mmdiag.errors import ConfigError, LoadError, user_location
 from mmdiag.registry import closest
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +110,9 @@ def _exec_error(path: Path, e: BaseException) -> LoadError:
             f"code with `if __name__ == \"__main__\":`."
         )
     return LoadError(
-        f"Could not import {path}: running the file raised {text}. Expected a module that can be "
-        f"imported without side effects failing; run `python {path}` to see the full traceback."
+        f"Could not import {path}: running the file raised {type(e).__name__}{user_location(e)}: {e}. "
+        f"Expected a module that can be imported without side effects failing; run `python {path}` to "
+        f"see the full traceback."
     )
 
 
@@ -242,8 +243,8 @@ def call_factory(spec: str, kwargs: dict | None, what: str, expected: str, kwarg
             raise
         given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no keyword arguments"
         raise LoadError(
-            f"The {what} factory {_callable_name(factory, spec)} raised {type(e).__name__}: {e} when "
-            f"called with {given}. Check the keyword arguments passed to it{kwargs_hint} and that the "
+            f"The {what} factory {_callable_name(factory, spec)} raised {type(e).__name__}{user_location(e)}: "
+            f"{e} when called with {given}. Check the keyword arguments passed to it{kwargs_hint} and that the "
             f"factory works on its own."
         ) from e
 

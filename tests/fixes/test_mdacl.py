@@ -28,7 +28,6 @@ from fixes._loop import (
     roundtrip,
     train,
 )
-from mmdiag.adapter import pool
 from mmdiag.errors import ConfigError
 from mmdiag.fixes import FIXES
 from mmdiag.fixes.mdacl import (
@@ -151,7 +150,7 @@ def test_running_share_is_an_ema_of_the_batch_mdi(target):
         else:
             t = F.cross_entropy(z, step.labels)
         grads = dict(zip(feats, torch.autograd.grad(t, list(feats.values()))))
-        ent = {m: spectral_entropy(pool(f)) for m, f in feats.items()}
+        ent = {m: spectral_entropy(run.adapter.pooled(m, f)) for m, f in feats.items()}
         con = {m: gradient_contribution(grads[m], feats[m]) for m in feats}
         batch = mdi_shares(ent, con, 0.5)
         want = {m: 0.5 * 0.5 + 0.5 * batch[m] for m in batch}
@@ -170,7 +169,7 @@ def test_hcg_two_stages_by_hand():
         assert fix.hcg_gate(weak) > 0
         a = run.adapter
         feats = {m: f.detach() for m, f in step.features.items()}
-        proj = {m: run.ctx.aux[f"mdacl_proj_{m}"](pool(feats[m])) for m in feats}
+        proj = {m: run.ctx.aux[f"mdacl_proj_{m}"](run.adapter.pooled(m, feats[m])) for m in feats}
         z = {m: a.head_forward(step.inputs, a.masked_features(feats, [m])) for m in feats}
         stage1 = (1 - F.cosine_similarity(proj[weak], proj[dom], dim=1)).mean()
         zc = {m: v - v.mean(1, keepdim=True) for m, v in z.items()}

@@ -9,7 +9,6 @@ import torch
 
 from fixes._loop import (DOMINANT, SEEDS, check_hooks_fire, check_teardown, direction, hook_dicts, make_run,
                          one_step, plain_accuracy, roundtrip, tensors, train)
-from mmdiag.adapter import pool
 from mmdiag.errors import ConfigError
 from mmdiag.fixes import FIXES
 from mmdiag.fixes.udml import UDML, fusion_weights, target_weights
@@ -89,7 +88,7 @@ def test_fused_logits_are_the_head_on_rescaled_features():
             run.model.eval()
             _, feats = run.adapter.encode(xs)
             run.model.train()
-            o = {m: run.ctx.aux[f"udml_noise_{m}"].eval()(pool(feats[m])).squeeze(1) for m in feats}
+            o = {m: run.ctx.aux[f"udml_noise_{m}"].eval()(run.adapter.pooled(m, feats[m])).squeeze(1) for m in feats}
             t = {m: 2 * torch.exp(-o[m]) / (torch.exp(-o["audio"]) + torch.exp(-o["visual"])) for m in o}
             raw = {m: t[m] / dep[m] for m in t}
             mean = (raw["audio"] + raw["visual"]) / 2
@@ -166,7 +165,7 @@ def test_estimator_tracks_the_noise_level():
         for level in (1, 11):
             noisy = {m: x + (level - 1) / 10 * x.std() * torch.randn(x.shape, generator=g) for m, x in xs.items()}
             _, f = run.adapter.encode(noisy)
-            sigma[level] = {m: torch.exp(0.5 * run.ctx.aux[f"udml_noise_{m}"](pool(f[m]))).mean().item() for m in f}
+            sigma[level] = {m: torch.exp(0.5 * run.ctx.aux[f"udml_noise_{m}"](run.adapter.pooled(m, f[m]))).mean().item() for m in f}
     for m in ("audio", "visual"):
         assert sigma[11][m] > sigma[1][m] + 0.3, sigma
 
