@@ -333,7 +333,7 @@ def evidence_bytes(ev: Any) -> int:
         if isinstance(obj, (list, tuple)):
             return sum(size(v) for v in obj)
         return 0
-    return sum(size(getattr(ev, f.name)) for f in fields(ev) if f.name != "meta")
+    return sum(size(v) for k, v in ev.to_dict().items() if k != "meta")
 
 
 # ============================================================================ 1. cost ratio

@@ -26,7 +26,7 @@ from torch import nn
 
 from mmdiag import ModelAdapter
 from mmdiag.fixes import FIXES, FixContext, fix_step
-from mmdiag.synthetic import make_toy
+from mmdiag.examples_data.synthetic import make_toy
 
 
 class AudioVisualNet(nn.Module):

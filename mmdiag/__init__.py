@@ -5,11 +5,14 @@ The public API::
     import mmdiag
     report = mmdiag.analyze(model, data)          # data: Dataset, DataLoader or dict of arrays
     print(report.verdict.headline())
+
+Settings that several entry points share travel as specs: ``AdapterSpec`` (how to drive the model),
+``AnalysisSpec`` (what to diagnose) and ``TrainSpec`` (the training budget of ``fit`` and ``rebalance``).
 """
 
 from mmdiag._version import __version__
 from mmdiag.adapter import ModelAdapter
-from mmdiag.api import analyze, analyze_evidence
+from mmdiag.api import analyze, analyze_evidence, analyze_with
 from mmdiag.collect import CollectSettings, collect
 from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic, register_diagnostic
 from mmdiag.errors import (AdapterError, ConfigError, EvidenceError, GateError, LoadError, MmdiagError,
@@ -18,11 +21,13 @@ from mmdiag.evidence import Evidence
 from mmdiag.fixes import FIXES, Fix, FixContext, Step, fix_step, register_fix
 from mmdiag.rebalance import rebalance
 from mmdiag.report import Failure, Report, Result, Verdict
+from mmdiag.specs import AdapterSpec, AnalysisSpec, TrainSpec
 from mmdiag.train import History, fit
 from mmdiag.verdict import VerdictThresholds
 
 __all__ = [
-    "__version__", "analyze", "analyze_evidence", "collect", "CollectSettings", "ModelAdapter", "Evidence",
+    "__version__", "analyze", "analyze_evidence", "analyze_with", "AdapterSpec", "AnalysisSpec", "TrainSpec",
+    "collect", "CollectSettings", "ModelAdapter", "Evidence",
     "Report", "Result", "Failure", "Verdict", "VerdictThresholds", "Diagnostic", "DIAGNOSTICS",
     "register_diagnostic", "MmdiagError", "ConfigError", "LoadError", "AdapterError", "EvidenceError",
     "GateError", "TrainError", "rebalance", "fit", "History", "Fix", "FixContext", "Step", "fix_step",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ from mmdiag.detect import (  # noqa: F401 - re-exported: the adapter is where us
     find_encoders,
     find_head,
     find_module,
+    search_encoders,
     unwrap,
 )
 from mmdiag.errors import AdapterError, ConfigError, MmdiagError, user_code_error, user_frame
@@ -131,27 +132,30 @@ class ModelAdapter:
     layouts: dict[str, Layout] = field(default_factory=dict)
     input_stats: MaskStats = field(default_factory=MaskStats)
     feature_stats: MaskStats = field(default_factory=MaskStats)
+    #: when set, ``restorer(features, present)`` returns the features with the absent modalities
+    #: restored from the present ones (see :mod:`mmdiag.deploy`); masked_features then uses it
+    restorer: Callable[[Mapping[str, Any], Sequence[str]], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.modalities = tuple(self.modalities)
         if len(self.modalities) < 2:
             raise ConfigError(
                 f"mmdiag compares modalities, so it needs at least 2; found {len(self.modalities)} "
-                f"({', '.join(self.modalities) or 'none'}). Pass --modalities a,b (names of the data arrays)."
+                f"({', '.join(self.modalities) or 'none'}). Pass `modalities=[a, b]` (names of the data arrays)."
             )
         if len(set(self.modalities)) != len(self.modalities):
             raise ConfigError(f"Modality names must be unique; found {list(self.modalities)}.")
         if self.mask not in MASK_KINDS:
-            raise ConfigError(f"--mask must be one of {', '.join(MASK_KINDS)}; found {self.mask!r}.")
+            raise ConfigError(f"`mask` must be one of {', '.join(MASK_KINDS)}; found {self.mask!r}.")
         check_mask_index(self.mask_index)
         if self.call is None:
             self.call = detect_call_style(self.model, self.modalities)
             self.notes.append(f"call convention detected from forward's signature: {self.call}")
         elif self.call not in CALL_STYLES:
-            raise ConfigError(f"--call must be one of {', '.join(CALL_STYLES)}; found {self.call!r}.")
+            raise ConfigError(f"`call` must be one of {', '.join(CALL_STYLES)}; found {self.call!r}.")
         root = unwrap(self.model)
         if self.encoders is None:
-            found = find_encoders(root, self.modalities)
+            found, why = search_encoders(root, self.modalities)
             if found:
                 self.encoders = found
                 self.notes.append(
@@ -159,25 +163,25 @@ class ModelAdapter:
                 )
             else:
                 self.black_box_reason = (
-                    "no encoder submodule is named like each modality (name them with --encoder MODALITY=MODULE)"
+                    f"the encoders were not found by name: {why} (name them with `encoders={{MODALITY: MODULE}}`)"
                 )
                 self.warnings.append(
-                    "no encoder submodule is named like each modality, so the model is driven as a "
+                    f"the encoders were not found by name ({why}), so the model is driven as a "
                     "black box: absent modalities are masked at the input and the encoder-level "
-                    "diagnostics are skipped. Name each modality's encoder (--encoder MODALITY=MODULE) "
+                    "diagnostics are skipped. Name each modality's encoder (`encoders={MODALITY: MODULE}`) "
                     "to mask at the encoder output."
                 )
         else:
             unknown = [m for m in self.encoders if m not in self.modalities]
             if unknown:
                 raise ConfigError(
-                    f"--encoder names modality {unknown[0]!r}, which is not among the modalities "
+                    f"`encoders` names modality {unknown[0]!r}, which is not among the modalities "
                     f"{', '.join(self.modalities)}."
                 )
             missing = [m for m in self.modalities if m not in self.encoders]
             if missing:
                 raise ConfigError(
-                    f"--encoder must name an encoder for every modality; missing: {', '.join(missing)}."
+                    f"`encoders` must name an encoder for every modality; missing: {', '.join(missing)}."
                 )
             for name in self.encoders.values():
                 find_module(root, name)
@@ -195,11 +199,11 @@ class ModelAdapter:
         if self.mask_at is None:
             self.mask_at = "feature" if self.encoders else "input"
         elif self.mask_at not in MASK_LEVELS:
-            raise ConfigError(f"--mask-at must be input or feature; found {self.mask_at!r}.")
+            raise ConfigError(f"`mask_at` must be input or feature; found {self.mask_at!r}.")
         elif self.mask_at == "feature" and not self.encoders:
             raise ConfigError(
-                "--mask-at feature needs the encoder of each modality; name them with --encoder "
-                "MODALITY=MODULE or use --mask-at input."
+                "`mask_at='feature'` needs the encoder of each modality; name them with "
+                "`encoders={MODALITY: MODULE}` or use `mask_at='input'`."
             )
 
     # ------------------------------------------------------------------ calling the model
@@ -234,7 +238,7 @@ class ModelAdapter:
             raise AdapterError(
                 f"The model's forward raised {type(exc).__name__}{at}: {exc}. It was called with "
                 f"{self.call} inputs ({shapes}). Check the modality names and order, the call "
-                "convention (--call dict|kwargs|positional), and that the data has the shapes the model expects."
+                "convention (`call=dict|kwargs|positional`), and that the data has the shapes the model expects."
             ) from exc
         except Exception as exc:  # noqa: BLE001 - the user's own checks (AssertionError, custom errors)
             raise user_code_error(exc, "running the model's forward") from exc
@@ -374,7 +378,10 @@ class ModelAdapter:
     def masked_features(
         self, features: Mapping[str, Any], present: Sequence[str], generator: torch.Generator | None = None
     ) -> dict[str, Any]:
-        """Encoder outputs with every modality not in ``present`` replaced by its feature-level baseline."""
+        """Encoder outputs with every modality not in ``present`` replaced by its feature-level baseline
+        (restored from the present ones instead when a ``restorer`` is set and some modality is present)."""
+        if self.restorer is not None and len(present) > 0:
+            return self.restorer(features, tuple(present))
         out: dict[str, Any] = {}
         for m in self.modalities:
             if m in present:
@@ -427,7 +434,7 @@ class ModelAdapter:
         self.warnings.append(
             f"feature-level masking is not exact for this model: {reason}. Absent modalities are "
             "masked at the input instead, and the encoder-level diagnostics are skipped. To mask at "
-            "the encoder output, name as each modality's encoder (--encoder MODALITY=MODULE) a "
+            "the encoder output, name as each modality's encoder (`encoders={MODALITY: MODULE}`) a "
             "module that runs once per forward and is that modality's only path to the fusion."
         )
         self.black_box_reason = f"feature-level masking was given up: {reason}"

@@ -65,9 +65,9 @@ def categorical_baseline(value: Tensor, m: str, mask: str, index: int) -> Tensor
         raise ConfigError(
             f"Modality {m!r} holds integer category indices ({str(value.dtype).replace('torch.', '')}), "
             f"and integer modalities are masked at the input with an index, not with a {mask} value; "
-            f"found --mask {mask} with input-level masking (--mask-at input, or the fallback to it "
-            f"recorded in the report's warnings). Use --mask zero (masks {m!r} with index {index}) or "
-            "feature-level masking (--mask-at feature with --encoder MODALITY=MODULE: encoder outputs "
+            f"found `mask={mask!r}` with input-level masking (`mask_at='input'`, or the fallback to it "
+            f"recorded in the report's warnings). Use `mask='zero'` (masks {m!r} with index {index}) or "
+            "feature-level masking (`mask_at='feature'` with `encoders={MODALITY: MODULE}`: encoder outputs "
             "are floats and take any mask)."
         )
     return torch.full_like(value, index)
@@ -135,7 +135,7 @@ def unattributable_reason(modalities: Sequence[str], inputs: Mapping[str, Tensor
         f"integer inputs cannot be attributed at the input: {named} holds category indices, which "
         "have no straight path from a baseline to interpolate along. mmdiag attributes such a "
         "modality at its encoder's output instead, which needs the encoder of each modality: name "
-        "them with --encoder MODALITY=MODULE"
+        "them with `encoders={MODALITY: MODULE}`"
     )
 
 
@@ -213,7 +213,7 @@ def _leaves(structure: Any, m: str) -> list[Tensor]:
         raise EvidenceError(
             f"Integrated Gradients at the encoder output of {m!r} needs floating-point tensors; the "
             f"encoder returned {', '.join(str(d) for d in bad) or 'no tensor'}. Name an encoder "
-            "module whose output is the float feature (e.g. the embedding) with --encoder."
+            "module whose output is the float feature (e.g. the embedding) as its `encoders` entry."
         )
     return found
 

@@ -4,14 +4,26 @@ Pure data in, pure data out: :func:`compare` returns :class:`CompareRow` records
 and per modality of each diagnostic present in either report, plus the fused accuracy) with both
 values, their difference ``B - A``, both intervals and whether the intervals are *separated* (do not
 overlap: the change is larger than the run-to-run uncertainty the bootstrap sees).
+:func:`compare_runs` lines up the same values for rebalance's before / after / baseline runs.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator, Mapping
 
-from mmdiag.report import Report, Result, json_safe
+from mmdiag.report import Report, Result, interval, json_safe
+
+#: Columns of rebalance's ``comparison.csv`` (:func:`compare_runs`).
+COMPARISON_COLUMNS = (
+    "key", "diagnostic", "modality",
+    "before", "before_low", "before_high",
+    "after", "after_low", "after_high",
+    "baseline", "baseline_low", "baseline_high",
+    "after_minus_before", "separated_after_before",
+    "after_minus_baseline", "separated_after_baseline",
+)
 
 
 @dataclass(frozen=True)
@@ -49,43 +61,69 @@ class CompareRow:
         return json_safe({"key": self.key, **asdict(self)})
 
 
-def _ci(ci: Any) -> tuple[float | None, float | None]:
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
-        return float(ci[0]), float(ci[1])
-    return None, None
-
-
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v else None
+    """A real value (infinities included) as float; None when it is missing, NaN or not a number."""
+    return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v else None
 
 
-def _row(diag: str, modality: str, a: Any, b: Any, ci_a: Any, ci_b: Any) -> CompareRow:
-    va, vb = _num(a), _num(b)
-    al, ah = _ci(ci_a)
-    bl, bh = _ci(ci_b)
+def _row(diag: str, modality: str, a: tuple[Any, Any], b: tuple[Any, Any]) -> CompareRow:
+    """The row comparing ``a`` and ``b``, each a (value, interval) pair."""
+    (va, ci_a), (vb, ci_b) = a, b
+    va, vb = _num(va), _num(vb)
+    al, ah = interval(ci_a) or (None, None)
+    bl, bh = interval(ci_b) or (None, None)
     sep = None
     if None not in (al, ah, bl, bh):
         sep = bool(ah < bl or bh < al)  # type: ignore[operator]
     return CompareRow(diag, modality, va, vb, None if va is None or vb is None else vb - va, al, ah, bl, bh, sep)
 
 
-def compare(a: Report, b: Report) -> list[CompareRow]:
-    """Rows for the fused accuracy and every headline and per-modality value in either report."""
-    rows = [_row("accuracy", "", a.accuracy, b.accuracy, None, None)]
-    names = list(a.diagnostics) + [n for n in b.diagnostics if n not in a.diagnostics]
+def _aligned(runs: Mapping[str, Report | None], accuracy_ci: Mapping[str, Any] | None = None
+             ) -> Iterator[tuple[str, str, dict[str, tuple[Any, Any]]]]:
+    """(diagnostic, modality, run -> (value, interval)) for every value in any of the runs.
+
+    The fused accuracy comes first, then each diagnostic (in the order the runs hold them) with its
+    headline and its modalities, in the first run's modality order; a run that lacks a value gives
+    ``(None, None)``. ``accuracy_ci`` maps a run to the interval of its fused accuracy.
+    """
+    reports = {label: r for label, r in runs.items() if r is not None}
+    cis = dict(accuracy_ci or {})
+    yield "accuracy", "", {label: (r.accuracy, cis.get(label)) for label, r in reports.items()}
+    names = list(dict.fromkeys(n for r in reports.values() for n in r.diagnostics))
+    order = next(iter(reports.values())).modalities if reports else ()
     empty = Result(name="", value=None, per_modality={})
     for name in names:
-        ra, rb = a.diagnostics.get(name, empty), b.diagnostics.get(name, empty)
-        rows.append(_row(name, "", ra.value, rb.value, ra.value_ci, rb.value_ci))
-        mods = [m for m in a.modalities if m in ra.per_modality or m in rb.per_modality]
-        mods += [m for m in list(ra.per_modality) + list(rb.per_modality) if m not in mods]
-        seen: set[str] = set()
-        for m in mods:
-            if m in seen:
-                continue
-            seen.add(m)
-            rows.append(_row(name, m, ra.per_modality.get(m), rb.per_modality.get(m),
-                             (ra.ci or {}).get(m), (rb.ci or {}).get(m)))
+        res = {label: r.diagnostics.get(name, empty) for label, r in reports.items()}
+        yield name, "", {label: (x.value, x.value_ci) for label, x in res.items()}
+        present = [m for x in res.values() for m in x.per_modality]
+        for m in dict.fromkeys([m for m in order if m in present] + present):
+            yield name, m, {label: (x.per_modality.get(m), (x.ci or {}).get(m)) for label, x in res.items()}
+
+
+def compare(a: Report, b: Report) -> list[CompareRow]:
+    """Rows for the fused accuracy and every headline and per-modality value in either report."""
+    return [_row(diag, m, v["a"], v["b"]) for diag, m, v in _aligned({"a": a, "b": b})]
+
+
+def compare_runs(after: Report, before: Report | None = None, baseline: Report | None = None,
+                 accuracy_ci: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rebalance's table: one row per headline and per-modality value (see :data:`COMPARISON_COLUMNS`).
+
+    ``separated_*`` is True when the two bootstrap intervals do not overlap, False when they do,
+    None when an interval is missing. ``accuracy_ci`` maps ``before``/``after``/``baseline`` to the
+    bootstrap interval of the fused accuracy.
+    """
+    rows = []
+    for diag, m, v in _aligned({"after": after, "before": before, "baseline": baseline}, accuracy_ci):
+        pairs = {run: _row(diag, m, v.get(run, (None, None)), v["after"]) for run in ("before", "baseline")}
+        row: dict[str, Any] = {"key": pairs["before"].key, "diagnostic": diag, "modality": m}
+        for run in ("before", "after", "baseline"):
+            value, ci = v.get(run, (None, None))
+            row[run] = _num(value)
+            row[f"{run}_low"], row[f"{run}_high"] = interval(ci) or (None, None)
+        for run, pair in pairs.items():
+            row[f"after_minus_{run}"], row[f"separated_after_{run}"] = pair.diff, pair.separated
+        rows.append(row)
     return rows
 
 

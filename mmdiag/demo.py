@@ -33,7 +33,7 @@ class DemoData:
 
 def demo_data(snr_db: float | None = None, seed: int = 0, views: tuple[str, ...] = ("audio", "visual")) -> DemoData:
     """AV-digits split 70/30 (deterministic for a seed)."""
-    from mmdiag.avdigits import load_avdigits, split_indices
+    from mmdiag.examples_data.avdigits import load_avdigits, split_indices
 
     arrays = load_avdigits(snr_db=snr_db, seed=seed, views=views)
     train_idx, val_idx = split_indices(len(arrays["label"]), 0.3, seed)
@@ -41,8 +41,8 @@ def demo_data(snr_db: float | None = None, seed: int = 0, views: tuple[str, ...]
 
 
 def demo_model(data: DemoData, epochs: int = DEMO_EPOCHS, seed: int = 0) -> torch.nn.Module:
-    """A freshly trained :class:`~mmdiag.demo_model.AVDigitsNet` (plain joint training)."""
-    from mmdiag.demo_model import AVDigitsNet, train_plain
+    """A freshly trained :class:`~mmdiag.examples_data.demo_model.AVDigitsNet` (plain joint training)."""
+    from mmdiag.examples_data.demo_model import AVDigitsNet, train_plain
 
     torch.manual_seed(seed)
     model = AVDigitsNet()
@@ -50,14 +50,23 @@ def demo_model(data: DemoData, epochs: int = DEMO_EPOCHS, seed: int = 0) -> torc
     return model.eval()
 
 
+#: the factory the demo's model comes from (what the written config names)
+DEMO_FACTORY = "mmdiag.examples_data.demo_model:AVDigitsNet"
+
+
 def run_demo(out: Path | None = None, *, snr_db: float | None = None, epochs: int = DEMO_EPOCHS, seed: int = 0,
              bootstrap: int = 1000, only: list[str] | None = None, progress: ProgressFn | None = None) -> Report:
-    """Train the demo model and analyze it on the validation split; writes the report when ``out`` is given."""
+    """Train the demo model and analyze it on the validation split.
+
+    With ``out``, also writes the report and what the next commands need: the trained model
+    (``model.pt``), the data (``train.npz``, ``val.npz``) and an ``mmdiag.toml`` naming them (see
+    :func:`write_next_steps`).
+    """
     data = demo_data(snr_db=snr_db, seed=seed)
     model = demo_model(data, epochs=epochs, seed=seed)
     report = analyze(
         model, data.val, modalities=("audio", "visual"), bootstrap=bootstrap, seed=seed, only=only,
-        settings={"model": "mmdiag.demo_model:AVDigitsNet", "data": f"AV-digits validation split (snr_db={snr_db})",
+        settings={"model": DEMO_FACTORY, "data": f"AV-digits validation split (snr_db={snr_db})",
                   "checkpoint": None, "demo_epochs": epochs},
         progress=progress,
     )
@@ -65,4 +74,65 @@ def run_demo(out: Path | None = None, *, snr_db: float | None = None, epochs: in
         from mmdiag.render import write_outputs
 
         write_outputs(report, Path(out))
+        write_next_steps(Path(out), model, data, seed=seed)
     return report  # type: ignore[return-value]
+
+
+def write_next_steps(out: Path, model: torch.nn.Module, data: DemoData, seed: int = 0) -> Path:
+    """Save the model, the data and an ``mmdiag.toml`` so that ``mmdiag analyze --config`` and
+    ``mmdiag rebalance --config`` work on the demo as they are; returns the config's path.
+
+    Paths in the config are written as ``out`` was given (relative to the folder the demo ran in),
+    so the printed commands work from there.
+    """
+    import numpy as np
+
+    from mmdiag.io import write_atomic, write_atomic_with
+
+    write_atomic_with(out / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+    def save_npz(arrays: dict[str, Any]) -> Any:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: savez would add ".npz" to a name
+                np.savez(fh, **arrays)
+        return write
+
+    for name, arrays in (("train", data.train), ("val", data.val)):
+        write_atomic_with(out / f"{name}.npz", save_npz(arrays))
+    config = out / "mmdiag.toml"
+    write_atomic(config, 
+        "# Written by `mmdiag demo`: the trained demo model and its data. Run from the folder the demo\n"
+        "# ran in: `mmdiag analyze --config " + str(config) + "` and `mmdiag rebalance --config " + str(config) + "`.\n"
+        f"model = {_toml_str(DEMO_FACTORY)}\n"
+        f'checkpoint = {_toml_str(out / "model.pt")}\n'
+        f'data = {_toml_str(out / "val.npz")}\n'
+        f'out = {_toml_str(out / "analysis")}\n'
+        "overwrite = true\n"
+        f"seed = {seed}\n\n"
+        "[rebalance]  # retrain with the recommended fix, and plainly under the same budget, then compare\n"
+        f'data = {_toml_str(out / "train.npz")}\n'
+        f'val_data = {_toml_str(out / "val.npz")}\n'
+        'fix = "auto"\n'
+        "baseline = true\n"
+        f"epochs = {DEMO_EPOCHS}\n"
+        'optimizer = "adam"  # the recipe the demo model was trained with\n'
+        f"lr = {DEMO_LR}\n"
+        "batch_size = 64\n"
+        f'out = {_toml_str(out / "rebalanced")}\n'
+        "overwrite = true\n"
+    )
+    return config
+
+
+def _toml_str(value: Any) -> str:
+    """A TOML basic string (JSON's escaping is valid TOML for these)."""
+    import json
+
+    return json.dumps(str(value))
+
+
+def next_commands(out: Path) -> list[str]:
+    """The two commands the demo ends with: they run on what :func:`write_next_steps` wrote."""
+    import shlex
+
+    config = shlex.quote(str(out / "mmdiag.toml"))
+    return [f"mmdiag analyze --config {config}", f"mmdiag rebalance --config {config}"]

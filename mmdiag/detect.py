@@ -69,10 +69,9 @@ def detect_call_style(model: nn.Module, modalities: Sequence[str]) -> CallStyle:
     raise ConfigError(
         f"The data's modalities ({', '.join(modalities)}) do not match the parameter names of the "
         f"model's forward ({', '.join(names)}), so mmdiag cannot tell which tensor goes where. "
-        "Rename the data arrays after forward's parameters, or say how to call the model: the call "
-        "convention 'positional' passes the modalities in the order given by the modality list "
-        "(CLI: --call positional --modalities "
-        f"{','.join(modalities)} in forward's order)."
+        "Rename the data arrays after forward's parameters, or say how to call the model: "
+        f"`call='positional'` passes the modalities in the order given by `modalities={list(modalities)!r}` "
+        "(list them in forward's order)."
     )
 
 
@@ -91,33 +90,38 @@ def find_module(root: nn.Module, name: str) -> nn.Module:
 
 
 def find_encoders(root: nn.Module, modalities: Sequence[str]) -> dict[str, str] | None:
-    """Encoder submodule names found from module names that contain the modality names.
+    """Encoder submodule names found from module names that contain the modality names, or None.
 
     For each modality, the shallowest submodule whose own name (last path component) contains the
-    modality name. Returns ``None`` unless every modality has exactly one such shallowest module
-    and no module is claimed twice.
+    modality name; see :func:`search_encoders` for why a search finds none.
+    """
+    return search_encoders(root, modalities)[0]
+
+
+def search_encoders(root: nn.Module, modalities: Sequence[str]) -> tuple[dict[str, str] | None, str]:
+    """(modality -> encoder name, or None; the reason when None).
+
+    Found only when every modality has exactly one shallowest module named like it and no module
+    is claimed twice or contains another's (a modality name inside another, "rgb" in "rgbd").
     """
     found: dict[str, str] = {}
     names = [n for n, _ in root.named_modules() if n]
     for m in modalities:
         hits = [n for n in names if m.lower() in n.rsplit(".", 1)[-1].lower()]
         if not hits:
-            return None
+            return None, f"no submodule is named like {m!r}"
         depth = min(h.count(".") for h in hits)
         top = [h for h in hits if h.count(".") == depth]
         if len(top) != 1:
-            return None
+            return None, f"{m!r} matches several submodules ({', '.join(top[:4])}), so none is taken as its encoder"
         found[m] = top[0]
-    if len(set(found.values())) != len(found):
-        return None
-    # A modality name that is a substring of another (e.g. "rgb" in "rgbd") must not claim the same
-    # tree twice: no encoder may contain another.
     paths = list(found.values())
     for a in paths:
         for b in paths:
-            if a != b and b.startswith(a + "."):
-                return None
-    return found
+            if a == b and list(found.values()).count(a) > 1 or a != b and b.startswith(a + "."):
+                owners = [m for m, p in found.items() if p in (a, b)]
+                return None, f"{' and '.join(map(repr, owners))} match the same module tree ({a})"
+    return found, ""
 
 
 def find_head(root: nn.Module, encoders: Mapping[str, str] | None) -> str | None:

@@ -13,30 +13,90 @@ from __future__ import annotations
 
 import itertools
 import os
-import tempfile
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from mmdiag.errors import EvidenceError
+from mmdiag.io import write_atomic_with
 
-#: Evidence kinds a diagnostic can ask for in its ``needs``.
-EVIDENCE_KINDS: dict[str, str] = {
-    "subsets": "logits for every subset of modalities (masking the others)",
-    "features": "pooled encoder features of a random subsample (needs encoders)",
-    "grad_x_act": "per-sample |gradient x activation| of the true-class logit margin and of the fused loss "
-                  "at each encoder output (needs encoders)",
-    "param_grads": "cosine of fused and unimodal loss gradients on each encoder's parameters (needs encoders)",
-    "permutations": "correctness and loss with one modality permuted across samples",
-    "noise_features": "pooled encoder features of inputs corrupted at a grid of noise levels (needs encoders)",
-    "attribution": "Integrated-Gradients attribution mass per modality (captum)",
-}
+@dataclass(frozen=True)
+class FieldSpec:
+    """One field of :class:`Evidence`: its name and how rows select and shards merge it.
 
+    ``axis`` says what the field's leading (or ``dim``-th) axis indexes:
+
+    * ``sample``: every evaluated row (``subsets`` along ``dim=1``): rows select it, shards
+      concatenate it;
+    * ``rows``: row numbers into the samples of a subsample (``feature_rows``): remapped on
+      selection, shifted by the rows before each shard on merge;
+    * ``subsample``: values aligned with the row numbers in field ``rows`` (along ``dim``);
+    * ``batch``: one entry per evaluated batch (``grad_cosine``): kept on selection, concatenated;
+    * ``const``: the same in every shard (``noise_levels``): kept, the first shard's on merge;
+    * ``summary``: a statistic of the whole pass: kept on selection, merged by ``merge(parts)``.
+
+    ``per_modality`` fields hold a dict modality -> tensor, each handled as above.
+    """
+
+    name: str
+    axis: str
+    dim: int = 0
+    rows: str | None = None
+    per_modality: bool = False
+    merge: Callable[[Sequence["Evidence"]], Any] | None = None
+
+
+@dataclass(frozen=True)
+class EvidenceKind:
+    """An evidence kind: what a diagnostic names in ``needs`` and the fields its producer fills.
+
+    ``present`` is the field whose presence means the kind was collected; ``needs_encoders`` kinds
+    exist only when each modality's encoder is known; a kind that is not ``requestable`` is filled
+    whenever it applies (OGM's head split) and cannot be asked for.
+    """
+
+    name: str
+    description: str
+    fields: tuple[FieldSpec, ...]
+    present: str
+    needs_encoders: bool = False
+    requestable: bool = True
+
+
+#: Every registered kind by name (built-in producers and plug-ins register on import).
+KINDS: dict[str, EvidenceKind] = {}
+#: Evidence kinds a diagnostic can ask for in its ``needs``: name -> description.
+EVIDENCE_KINDS: dict[str, str] = {}
 #: Kinds that only exist when the adapter knows each modality's encoder.
-ENCODER_KINDS = frozenset({"features", "grad_x_act", "param_grads", "noise_features"})
+ENCODER_KINDS: set[str] = set()
+#: Field name -> its spec, over every registered kind (and the core's own optional fields).
+FIELDS: dict[str, FieldSpec] = {}
+
+
+def register_kind(kind: EvidenceKind) -> EvidenceKind:
+    """Make ``kind`` known to :class:`Evidence` (its fields, selection, merge and persistence)."""
+    clash = [f.name for f in kind.fields if f.name in FIELDS and KINDS.get(kind.name) is None]
+    if clash or (kind.name in KINDS and KINDS[kind.name] != kind):
+        raise EvidenceError(f"Evidence kind {kind.name!r} (fields {clash}) is already registered.")
+    KINDS[kind.name] = kind
+    for f in kind.fields:
+        FIELDS[f.name] = f
+    if kind.requestable:
+        EVIDENCE_KINDS[kind.name] = kind.description
+    if kind.needs_encoders:
+        ENCODER_KINDS.add(kind.name)
+    return kind
+
+
+#: Optional fields that belong to no kind: out-of-distribution flags carried by the data, the
+#: features of separate probe-training data, and those of every row of new data to score for
+#: distribution shift (``ood_data``) with its known flags and row numbers.
+for _spec in (FieldSpec("ood", "sample"), FieldSpec("probe_features", "const", per_modality=True),
+              FieldSpec("probe_labels", "const"), FieldSpec("ood_features", "const", per_modality=True),
+              FieldSpec("ood_flags", "const", per_modality=True), FieldSpec("ood_rows", "const")):
+    FIELDS[_spec.name] = _spec
 
 
 def subset_masks(n_modalities: int) -> range:
@@ -66,7 +126,6 @@ def nonempty_subsets(modalities: Sequence[str]) -> Iterator[tuple[int, tuple[str
             yield mask_of(combo, modalities), combo
 
 
-@dataclass
 class Evidence:
     """Tensors gathered from one pass of the model over the evaluation data.
 
@@ -102,37 +161,54 @@ class Evidence:
         probe_features: modality -> [n_p, d_m] pooled features of separate probe-training data
             (``--probe-data``), or None (probes then split ``features``).
         probe_labels: [n_p] labels of ``probe_features``.
+        ood_features: modality -> [n_o, d_m] pooled features of every row of the new data scored for
+            distribution shift (``ood_data``), in the order of ``ood_rows``; or None.
+        ood_flags: modality -> [n_o] bool known out-of-distribution flags of those rows (the data's
+            ``is_ood`` for every modality, or its ``is_ood_<modality>``), when the new data has them.
+        ood_rows: [n_o] row number of each in the new data.
         meta: JSON-safe facts: mask, mask_at, call, encoders, seeds, caps, notes.
+
+    The fields after ``index`` are declared by the evidence kinds (:func:`register_kind`): a kind
+    added as a plug-in gets its fields here, saved, loaded, selected and merged, with no edit to
+    this class. A declared field that was not collected reads as ``None``.
     """
 
-    modalities: tuple[str, ...]
-    n_classes: int
-    labels: Tensor
-    logits: Tensor
-    index: Tensor
-    subsets: Tensor | None = None
-    features: dict[str, Tensor] | None = None
-    feature_rows: Tensor | None = None
-    grad_x_act: Tensor | None = None
-    grad_x_loss: Tensor | None = None
-    grad_rows: Tensor | None = None
-    param_grad_norm: Tensor | None = None
-    grad_cosine: Tensor | None = None
-    grad_batch_sizes: Tensor | None = None
-    perm_correct: Tensor | None = None
-    perm_nll: Tensor | None = None
-    noise_levels: Tensor | None = None
-    noise_features: dict[str, Tensor] | None = None
-    noise_rows: Tensor | None = None
-    attribution: Tensor | None = None
-    attribution_signed: Tensor | None = None
-    attribution_delta: Tensor | None = None
-    attribution_rows: Tensor | None = None
-    ood: Tensor | None = None
-    head_split: Tensor | None = None
-    probe_features: dict[str, Tensor] | None = None
-    probe_labels: Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    _CORE = ("modalities", "n_classes", "labels", "logits", "index", "meta")
+
+    def __init__(self, modalities: Sequence[str], n_classes: int, labels: Tensor, logits: Tensor,
+                 index: Tensor, meta: Mapping[str, Any] | None = None, **fields: Any) -> None:
+        unknown = sorted(set(fields) - set(FIELDS))
+        if unknown:
+            raise EvidenceError(
+                f"Evidence has unknown fields {unknown}; was it written by a newer mmdiag, or by an "
+                "evidence kind whose plug-in is not installed?"
+            )
+        object.__setattr__(self, "_fields", {k: v for k, v in fields.items() if v is not None})
+        self.modalities = tuple(modalities)
+        self.n_classes = int(n_classes)
+        self.labels, self.logits, self.index = labels, logits, index
+        self.meta = dict(meta or {})
+
+    def __getattr__(self, name: str) -> Any:
+        # only called when normal lookup fails: the declared optional fields
+        if name in FIELDS:
+            return self.__dict__["_fields"].get(name)
+        raise AttributeError(f"Evidence has no field {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in FIELDS:
+            if value is None:
+                self._fields.pop(name, None)
+            else:
+                self._fields[name] = value
+        elif name in self._CORE:
+            object.__setattr__(self, name, value)
+        else:
+            raise AttributeError(f"Evidence has no field {name!r} (declare it in an evidence kind)")
+
+    def replace(self, **changes: Any) -> "Evidence":
+        """A copy with some fields replaced (``None`` removes an optional field)."""
+        return Evidence(**{**self.to_dict(), "modalities": self.modalities, **changes})
 
     # ------------------------------------------------------------------ conveniences
     @property
@@ -151,17 +227,10 @@ class Evidence:
         return (1 << self.n_modalities) - 1
 
     def has(self, kind: str) -> bool:
-        """Whether evidence of ``kind`` (one of :data:`EVIDENCE_KINDS`) was collected."""
-        attr = {
-            "subsets": "subsets",
-            "features": "features",
-            "grad_x_act": "grad_x_act",
-            "param_grads": "grad_cosine",
-            "permutations": "perm_correct",
-            "noise_features": "noise_features",
-            "attribution": "attribution",
-        }[kind]
-        return getattr(self, attr) is not None
+        """Whether evidence of ``kind`` (a registered kind's name) was collected."""
+        if kind not in KINDS:
+            raise EvidenceError(f"Unknown evidence kind {kind!r}; known: {sorted(KINDS)}.")
+        return self._fields.get(KINDS[kind].present) is not None
 
     def require(self, *kinds: str) -> None:
         """Raise EvidenceError unless every kind was collected."""
@@ -191,34 +260,21 @@ class Evidence:
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
         """Plain tensors and JSON-safe values, loadable with ``torch.load(weights_only=True)``."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if f.name == "modalities" else value
+        out: dict[str, Any] = {k: getattr(self, k) for k in self._CORE}
+        out["modalities"] = list(self.modalities)
+        out.update(self._fields)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Evidence":
         """Inverse of :meth:`to_dict`."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise EvidenceError(f"Evidence has unknown fields {sorted(unknown)}; was it written by a newer mmdiag?")
         values = dict(data)
         values["modalities"] = tuple(values["modalities"])
         return cls(**values)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically to ``path`` (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomic_with(path, lambda tmp: torch.save(self.to_dict(), tmp))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Evidence":
@@ -234,55 +290,58 @@ class Evidence:
         return cls.from_dict(data)
 
     def select_rows(self, rows: Tensor) -> "Evidence":
-        """Evidence restricted to rows (sample-level fields only; subsample fields re-indexed).
+        """Evidence restricted to ``rows``: per-sample fields indexed, subsample fields re-indexed.
 
         Used by tests (shuffling, subsetting) and by sharded collection.
         """
         rows = rows.long()
         position = torch.full((self.n_samples,), -1, dtype=torch.long)
         position[rows] = torch.arange(rows.numel())
+        kept: dict[str, Tensor] = {}  # row-number field -> which of its entries survive
+        out: dict[str, Any] = {"labels": self.labels[rows], "logits": self.logits[rows], "index": self.index[rows]}
+        for name, value in self._fields.items():
+            spec = FIELDS[name]
+            if spec.axis == "rows":
+                keep = position[value] >= 0
+                kept[name], out[name] = keep, position[value][keep]
+        for name, value in self._fields.items():
+            spec = FIELDS[name]
+            if spec.axis == "sample":
+                out[name] = _apply(value, spec, lambda t, d=spec.dim: t.index_select(d, rows))
+            elif spec.axis == "subsample" and spec.rows in kept:
+                keep = kept[spec.rows]
+                out[name] = _apply(value, spec, lambda t, d=spec.dim, k=keep: t.index_select(d, k.nonzero()[:, 0]))
+            elif name not in out:
+                out[name] = value
+        return Evidence(modalities=self.modalities, n_classes=self.n_classes, meta=self.meta, **out)
 
-        def remap(sub_rows: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-            if sub_rows is None:
-                return None, None
-            keep = position[sub_rows] >= 0
-            return keep, position[sub_rows][keep]
 
-        kw = self.to_dict()
-        kw.update(
-            labels=self.labels[rows], logits=self.logits[rows], index=self.index[rows],
-            subsets=None if self.subsets is None else self.subsets[:, rows],
-            perm_correct=None if self.perm_correct is None else self.perm_correct[:, :, rows],
-            perm_nll=None if self.perm_nll is None else self.perm_nll[:, :, rows],
-            ood=None if self.ood is None else self.ood[rows],
-            head_split=None if self.head_split is None else self.head_split[:, rows],
-        )
-        keep, kw["feature_rows"] = remap(self.feature_rows)
-        if keep is not None and self.features is not None:
-            kw["features"] = {m: f[keep] for m, f in self.features.items()}
-        keep, kw["grad_rows"] = remap(self.grad_rows)
-        if keep is not None and self.grad_x_act is not None:
-            kw["grad_x_act"] = self.grad_x_act[keep]
-            kw["grad_x_loss"] = None if self.grad_x_loss is None else self.grad_x_loss[keep]
-        keep, kw["noise_rows"] = remap(self.noise_rows)
-        if keep is not None and self.noise_features is not None:
-            kw["noise_features"] = {m: f[:, keep] for m, f in self.noise_features.items()}
-        keep, kw["attribution_rows"] = remap(self.attribution_rows)
-        if keep is not None and self.attribution is not None:
-            kw["attribution"] = self.attribution[keep]
-            kw["attribution_signed"] = None if self.attribution_signed is None else self.attribution_signed[keep]
-            kw["attribution_delta"] = None if self.attribution_delta is None else self.attribution_delta[keep]
-        kw["modalities"] = self.modalities
-        return Evidence(**kw)
+def _apply(value: Any, spec: FieldSpec, fn: Callable[[Tensor], Tensor]) -> Any:
+    return {m: fn(t) for m, t in value.items()} if spec.per_modality else fn(value)
+
+
+def _merge_field(spec: FieldSpec, values: list[Any], offsets: list[int], parts: Sequence[Evidence]) -> Any:
+    """One field of the merged evidence, from the shards' values (None when a shard lacks it)."""
+    if spec.axis == "summary":
+        return spec.merge(parts) if spec.merge is not None else None
+    if spec.axis == "const":
+        return values[0]
+    if any(v is None for v in values):
+        return None
+    if spec.axis == "rows":
+        return torch.cat([v + off for v, off in zip(values, offsets)])
+    if spec.per_modality:
+        return {m: torch.cat([v[m] for v in values], dim=spec.dim) for m in values[0]}
+    return torch.cat(values, dim=spec.dim)
 
 
 def merge_evidence(parts: Sequence[Evidence]) -> Evidence:
     """Concatenate evidence gathered on disjoint shards of the data (one part per process).
 
-    Per-sample fields are concatenated; subsample row numbers are shifted by the rows of the parts
-    before them; per-batch gradient cosines are concatenated. ``param_grad_norm`` (the norm of a
-    mean gradient, which cannot be merged exactly from norms) becomes the row-weighted mean of the
-    parts' norms, and the meta records that.
+    Each field merges as its :class:`FieldSpec` says: per-sample and subsample fields are
+    concatenated, subsample row numbers are shifted by the rows of the parts before them, per-batch
+    values are concatenated, constants come from the first part, and summaries (``param_grad_norm``,
+    the norm of a mean gradient, which cannot be merged exactly from norms) use their kind's merge.
     """
     parts = [p for p in parts if p.n_samples > 0]
     if not parts:
@@ -293,29 +352,8 @@ def merge_evidence(parts: Sequence[Evidence]) -> Evidence:
     offsets = [0]
     for p in parts[:-1]:
         offsets.append(offsets[-1] + p.n_samples)
-
-    def cat(name: str, dim: int = 0) -> Tensor | None:
-        values = [getattr(p, name) for p in parts]
-        if any(v is None for v in values):
-            return None
-        return torch.cat(values, dim=dim)
-
-    def rows(name: str) -> Tensor | None:
-        values = [getattr(p, name) for p in parts]
-        if any(v is None for v in values):
-            return None
-        return torch.cat([v + off for v, off in zip(values, offsets)])
-
-    def cat_dict(name: str, dim: int = 0) -> dict[str, Tensor] | None:
-        values = [getattr(p, name) for p in parts]
-        if any(v is None for v in values):
-            return None
-        return {m: torch.cat([v[m] for v in values], dim=dim) for m in first.modalities}
-
-    norm = None
-    if all(p.param_grad_norm is not None and p.grad_batch_sizes is not None for p in parts):
-        weights = torch.tensor([float(p.grad_batch_sizes.sum()) for p in parts])  # type: ignore[union-attr]
-        norm = (torch.stack([p.param_grad_norm for p in parts]) * weights[:, None]).sum(0) / weights.sum()  # type: ignore[misc]
+    names = [n for n in FIELDS if any(n in p._fields for p in parts)]
+    merged = {n: _merge_field(FIELDS[n], [p._fields.get(n) for p in parts], offsets, parts) for n in names}
     meta = dict(first.meta)
     meta["shards"] = len(parts)
     unavailable: dict[str, str] = {}
@@ -330,14 +368,7 @@ def merge_evidence(parts: Sequence[Evidence]) -> Evidence:
         if totals:
             meta[key] = totals
     return Evidence(
-        modalities=first.modalities, n_classes=first.n_classes,
-        labels=cat("labels"), logits=cat("logits"), index=cat("index"),  # type: ignore[arg-type]
-        subsets=cat("subsets", 1), features=cat_dict("features"), feature_rows=rows("feature_rows"),
-        grad_x_act=cat("grad_x_act"), grad_x_loss=cat("grad_x_loss"), grad_rows=rows("grad_rows"), param_grad_norm=norm,
-        grad_cosine=cat("grad_cosine"), grad_batch_sizes=cat("grad_batch_sizes"),
-        perm_correct=cat("perm_correct", 2), perm_nll=cat("perm_nll", 2), noise_levels=first.noise_levels,
-        noise_features=cat_dict("noise_features", 1), noise_rows=rows("noise_rows"),
-        attribution=cat("attribution"), attribution_signed=cat("attribution_signed"), attribution_delta=cat("attribution_delta"),
-        attribution_rows=rows("attribution_rows"), ood=cat("ood"), head_split=cat("head_split", 1),
-        probe_features=first.probe_features, probe_labels=first.probe_labels, meta=meta,
+        modalities=first.modalities, n_classes=first.n_classes, meta=meta,
+        labels=torch.cat([p.labels for p in parts]), logits=torch.cat([p.logits for p in parts]),
+        index=torch.cat([p.index for p in parts]), **merged,
     )

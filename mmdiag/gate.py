@@ -15,6 +15,8 @@ Keys:
 
 - ``<diagnostic>``: the headline ``value`` of a diagnostic (interval: ``value_ci``);
 - ``<diagnostic>.<modality>``: its per-modality value (interval: ``ci[<modality>]``);
+- ``<diagnostic>.<key>``: a named value the diagnostic declares in ``gate_keys``, e.g.
+  ``deployment.worst`` (the accuracy of the costliest combination, with its interval);
 - ``<diagnostic>.details.<path>``: a number or string inside ``details`` (dotted; list items by index);
 - ``accuracy``, ``n_samples``: the fused accuracy and the number of evaluated samples;
 - ``verdict.<field>``: ``dominant``, ``severity``, ``recommended_fix`` (strings; a missing value
@@ -44,7 +46,7 @@ from mmdiag.errors import GateError
 # the rule grammar lives in gate_rules; its names stay importable from here
 from mmdiag.gate_rules import ARITH, EXAMPLE, OPS, Baseline, Rule, format_rule, parse_rule, parse_rules  # noqa: F401
 from mmdiag.registry import closest
-from mmdiag.report import Report, Result
+from mmdiag.report import Report, Result, interval
 
 BOUNDS = ("ci", "point")
 STATUSES = ("PASS", "WARN", "FAIL", "ERROR")
@@ -163,8 +165,20 @@ def known_keys(report: Report) -> list[str]:
     for name, res in report.diagnostics.items():
         keys.append(name)
         keys.extend(f"{name}.{m}" for m in res.per_modality)
+        keys.extend(f"{name}.{k}" for k in _gate_keys(name) if k not in res.per_modality)
         keys.extend(f"{name}.details.{k}" for k in (res.details or {}))
     return keys
+
+
+def _gate_keys(name: str) -> dict[str, tuple[str, str | None]]:
+    """The named gate keys a registered diagnostic declares (``Diagnostic.gate_keys``); none for a
+    name this installation does not know."""
+    try:
+        from mmdiag.diagnostics.base import declared
+    except Exception:  # pragma: no cover - a broken plug-in must not break the gate
+        return {}
+    cls = declared(name)
+    return dict(getattr(cls, "gate_keys", {}) or {}) if cls is not None else {}
 
 
 def _registered_diagnostics() -> list[str]:
@@ -179,14 +193,6 @@ def _unknown(key: str, report: Report, what: str) -> _Measure:
     near = closest(key, known_keys(report) + [f"{d}" for d in _registered_diagnostics()])
     hint = f" Did you mean {near!r}?" if near else ""
     return _Measure(None, error=f"{what}.{hint}", usage_error=True, suggestion=near)
-
-
-def _interval(ci: Any) -> list[float] | None:
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
-        lo, hi = float(ci[0]), float(ci[1])
-        if not (math.isnan(lo) or math.isnan(hi)):
-            return [lo, hi]
-    return None
 
 
 def measure(report: Report, key: str) -> _Measure:
@@ -212,20 +218,27 @@ def measure(report: Report, key: str) -> _Measure:
             verb = "was skipped" if failure.kind == "skipped" else "failed"
             return _Measure(None, error=f"Diagnostic {head!r} {verb} in this report: {failure.error}")
         if head in _registered_diagnostics():
-            return _Measure(None, error=f"Diagnostic {head!r} was not run for this report (check --only/--skip "
+            return _Measure(None, error=f"Diagnostic {head!r} was not run for this report (check `only`/`skip` "
                                         f"of the analysis); diagnostics present: {', '.join(report.diagnostics) or '(none)'}.")
         return _unknown(key, report, f"Unknown key {key!r}: {head!r} is neither a diagnostic in this report nor "
                                      f"accuracy, n_samples or verdict.<field>")
     if len(parts) == 1:
-        return _Measure(res.value, _interval(res.value_ci), estimate=head)
+        return _Measure(res.value, res.interval(), estimate=head)
     if parts[1] == "details":
         return _details(res, key, parts[2:], report)
     if len(parts) == 2:
         m = parts[1]
         if m in res.per_modality:
-            return _Measure(res.per_modality[m], _interval((res.ci or {}).get(m)), estimate=head)
+            return _Measure(res.per_modality[m], res.interval(m), estimate=head)
+        named = _gate_keys(head).get(m)
+        if named is not None:  # a named key of the diagnostic (deployment.worst), read from its details
+            value_entry, interval_entry = named
+            found = (res.details or {}).get(value_entry)
+            ci = interval((res.details or {}).get(interval_entry)) if interval_entry else None
+            return _Measure(found, ci, estimate=head if interval_entry else None)
+        named_keys = "".join(f", {k}" for k in _gate_keys(head))
         return _unknown(key, report, f"Unknown key {key!r}: diagnostic {head!r} has no modality {m!r} "
-                                     f"(modalities: {', '.join(res.per_modality) or '(none)'})")
+                                     f"(modalities: {', '.join(res.per_modality) or '(none)'}{named_keys})")
     return _unknown(key, report, f"Unknown key {key!r}: after <diagnostic>.<modality> nothing may follow; "
                                  f"use {head}.details.<path> for details")
 
@@ -359,11 +372,13 @@ def _no_interval(rule: Rule, res: Result) -> str:
     """Why ``--bound ci`` cannot check ``rule``: the value has no interval; what to do instead."""
     end = "low" if rule.op in (">", ">=") else "high"
     if (res.params or {}).get("bootstrap") == 0:
-        why, rerun = "the analysis ran with --bootstrap 0", ", or rerun the analysis with --bootstrap 1000"
+        why, rerun = "the analysis ran with `bootstrap=0`", ", or rerun the analysis with `bootstrap=1000`"
+    elif (res.details or {}).get("reweighted"):
+        why, rerun = str(res.details["reweighted"]), ""
     else:
         why, rerun = f"{res.name} computes no interval for this value", ""
-    return (f"{rule.key!r} has no interval in this report ({why}), so --bound ci cannot check its {end} end; "
-            f"gate on point values with --bound point (bound = \"point\" in [gate]){rerun}.")
+    return (f"{rule.key!r} has no interval in this report ({why}), so `bound='ci'` cannot check its {end} end; "
+            f"gate on point values with `bound='point'`{rerun}.")
 
 
 def evaluate(report: Report, rules: Sequence[Rule | str], baseline: Report | None = None, bound: str = "ci",
@@ -387,8 +402,8 @@ def evaluate(report: Report, rules: Sequence[Rule | str], baseline: Report | Non
         needing = [str(r) for r in parsed if r.uses_baseline]
         if needing:
             raise GateError(
-                f"Rule {needing[0]!r} refers to 'baseline' but no baseline report was given; pass "
-                "--baseline OLD/report.json (or set baseline in the gate section of the config)."
+                f"Rule {needing[0]!r} refers to 'baseline' but no baseline report was given; pass the "
+                "earlier report (OLD/report.json) as `baseline`."
             )
     return GateResult([_evaluate_one(r, report, baseline, bound, warn_only) for r in parsed], bound=bound)
 

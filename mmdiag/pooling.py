@@ -95,7 +95,7 @@ def check_mode(mode: str) -> str:
 
 @contextlib.contextmanager
 def record_layers(encoder: nn.Module) -> Iterator[list[tuple[nn.Module, tuple[int, ...] | None]]]:
-    """Record (module, output shape) of every submodule of ``encoder`` in the order they finish."""
+    """Record (module, output shape) of ``encoder`` and its submodules in the order they finish."""
     seen: list[tuple[nn.Module, tuple[int, ...] | None]] = []
     handles = []
 
@@ -105,9 +105,10 @@ def record_layers(encoder: nn.Module) -> Iterator[list[tuple[nn.Module, tuple[in
         seen.append((mod, shape))
 
     try:
+        # the encoder itself too: an encoder that is one layer (a Conv1d) decides its own layout,
+        # and it finishes last, so a decisive inner layer of the same shape is looked at after it
         for sub in encoder.modules():
-            if sub is not encoder:
-                handles.append(sub.register_forward_hook(hook))
+            handles.append(sub.register_forward_hook(hook))
         yield seen
     finally:
         for h in handles:

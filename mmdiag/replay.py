@@ -37,6 +37,10 @@ def replay_mismatch(adapter: Any, inputs: Mapping[str, Tensor], atol: float) -> 
                     "modality masked")
         if not tensor_leaves(feats[m]):
             return f"the encoder of {m} returned no tensor"
+        batch, shape = next(iter(inputs.values())).shape[0], list(tensor_leaves(feats[m])[0].shape)
+        if not shape or shape[0] != batch:
+            return (f"the encoder of {m} returns a tensor of shape {shape}, whose first axis is not the "
+                    f"batch ({batch} rows; a sequence-first RNN, say), so its rows cannot be told apart")
     adapter.layouts = {m: infer_layout(feats[m], layers[m]) for m in adapter.modalities}
     blank = {m: torch.zeros_like(t) for m, t in inputs.items()}
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import numbers
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from mmdiag.errors import EvidenceError
+from mmdiag.io import write_atomic
 
 SCHEMA_VERSION = 1
 #: the ``schema_version`` values this mmdiag reads; a report from a newer mmdiag may carry a higher one
@@ -40,6 +41,19 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
+def interval(ci: Any) -> list[float] | None:
+    """The ``[low, high]`` ends of a stored interval, or None where there is none.
+
+    An interval is a pair of finite real numbers (a bool is not one). An analysis run with
+    bootstrap 0 leaves null or NaN ends, which count as no interval.
+    """
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return None
+    if any(isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) for c in ci):
+        return None
+    return sorted((float(ci[0]), float(ci[1])))
+
+
 @dataclass(frozen=True)
 class Result:
     """What one diagnostic found.
@@ -54,6 +68,9 @@ class Result:
         params: the diagnostic's parameters as used.
         details: JSON-safe extras (per class, per combination, curves).
         summary: one line saying how to read the headline.
+        headline: what ``value`` is, in a word or two ("spread": max - min over modalities).
+        cells: what ``per_modality`` values are, when they are not "more of this modality" (the
+            ``combinations`` cells are the accuracy *without* each modality).
     """
 
     name: str
@@ -65,6 +82,8 @@ class Result:
     params: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    headline: str = ""
+    cells: str = ""
     #: per-sample columns (name -> list, one entry per evaluated row); never written to report.json,
     #: only to ``per_sample.csv`` on request, so reports stay small and carry no raw data. Values are
     #: numpy arrays (8 bytes a float, against about 32 in a Python list).
@@ -80,6 +99,13 @@ class Result:
     def from_dict(cls, data: Mapping[str, Any]) -> "Result":
         """Inverse of :meth:`to_dict` (``null`` values stay ``None``)."""
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def interval(self, modality: str | None = None) -> list[float] | None:
+        """The interval of ``per_modality[modality]``, or of the headline when ``modality`` is None.
+
+        None where no interval was computed; see :func:`interval`.
+        """
+        return interval(self.value_ci if modality is None else (self.ci or {}).get(modality))
 
 
 @dataclass(frozen=True)
@@ -118,7 +144,9 @@ class Verdict:
     def headline(self) -> str:
         """A one-line reading of the verdict."""
         if self.severity == "none" or self.dominant is None:
-            return "No modality dominance detected: " + (self.reasons[0] if self.reasons else "the measures agree on balance.")
+            text = "No modality dominance detected: " + (self.reasons[0] if self.reasons else "the measures agree on balance.")
+            # a fix without dominance answers a problem that stands alone (missing modalities)
+            return text + (f"; recommended fix: {self.recommended_fix}." if self.recommended_fix else "")
         under = f"; under-used: {', '.join(self.underused)}" if self.underused else ""
         fix = f"; recommended fix: {self.recommended_fix}" if self.recommended_fix else ""
         return f"{self.severity.capitalize()} dominance of {self.dominant}{under}{fix}."
@@ -185,9 +213,23 @@ class Report:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``report.json`` atomically (temporary file, then rename)."""
-        path = Path(path)
-        write_atomic(path, self.to_json() + "\n")
-        return path
+        return write_atomic(path, self.to_json() + "\n")
+
+    def summary(self) -> str:
+        """The summary the terminal shows, as plain text: the table of diagnostics (verdict's
+        evidence first), a legend, failures, and the verdict with its reasons."""
+        from mmdiag.report_text import summary_text
+
+        return summary_text(self)
+
+    def to_html(self, path: str | os.PathLike[str]) -> Path:
+        """Write the self-contained HTML report (plots embedded) to ``path``; returns the path."""
+        import importlib
+
+        # render sits above this layer (it imports report): load it when asked, not at import time
+        html = importlib.import_module("mmdiag.render.html")
+        plots = importlib.import_module("mmdiag.render.plots").report_plots(self, None, dpi=90)
+        return html.write_html(self, Path(path), plots)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Report":
@@ -249,23 +291,3 @@ def schema_version(data: Mapping[str, Any]) -> int:
     raise EvidenceError(f"the report has schema_version {version}, which no mmdiag release wrote; this mmdiag "
                         f"({__version__}) reads schema versions {supported}.")
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import OrderedDict
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -114,13 +115,30 @@ def true_class_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return z.gather(1, labels.long()[:, None])[:, 0] - z.mean(dim=1)
 
 
-def percentile_interval(draws: np.ndarray, level: float = 0.95) -> np.ndarray:
-    """[..., 2] low/high percentiles over the first axis of ``draws``."""
+def percentile_interval(draws: np.ndarray, level: float = 0.95, *, finite: bool = False) -> np.ndarray:
+    """[..., 2] low/high percentiles over the first axis of ``draws``.
+
+    NaN draws are left out, and with ``finite`` infinite ones too (a ratio whose denominator was
+    resampled to 0). A column with no draw left, and every column when there are no draws, gets NaN
+    bounds.
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    if finite:
+        draws = np.where(np.isfinite(draws), draws, np.nan)
+    if draws.shape[0] == 0:
+        return np.full(draws.shape[1:] + (2,), np.nan)
     alpha = (1.0 - level) / 2.0
     # np.quantile is vectorised over the columns; nanquantile loops over them in Python (about
     # 0.1 ms a column), so it is kept for draws that hold NaN
     quantile = np.quantile if not np.isnan(draws).any() else np.nanquantile
-    return np.stack([quantile(draws, alpha, axis=0), quantile(draws, 1.0 - alpha, axis=0)], axis=-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column gives NaN bounds
+        return np.stack([quantile(draws, alpha, axis=0), quantile(draws, 1.0 - alpha, axis=0)], axis=-1)
+
+
+def modality_intervals(modalities: Sequence[str], bounds: np.ndarray) -> dict[str, list[float]]:
+    """modality -> [low, high] (plain floats, for a report) from [M, 2] bounds."""
+    return {m: [float(bounds[j][0]), float(bounds[j][1])] for j, m in enumerate(modalities)}
 
 
 def bootstrap_mean_draws(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -137,6 +155,42 @@ def bootstrap_mean_draws(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     if n_boot <= 0 or n == 0:
         return np.zeros((0, k))
     return np.concatenate([counts_matmul(counts, x) / n for counts in bootstrap_counts(n, n_boot, seed)], axis=0)
+
+
+def bootstrap_weighted_mean_draws(x: np.ndarray, n_boot: int, seed: int,
+                                  weights: np.ndarray | None = None) -> np.ndarray:
+    """[n_boot, K] (weighted) column means of ``x`` [n, K] over rows resampled with replacement.
+
+    ``weights`` may be [n] (one weight per row) or [n, K] (per entry; 0 drops an entry). Entries that
+    are not finite are dropped (weight 0). A draw whose weights sum to 0 for a column gives NaN
+    there. Returns an empty [0, K] array when ``n_boot`` <= 0 or there are no rows. The resamples
+    are those of :func:`bootstrap_indices`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, k = x.shape
+    if n_boot <= 0 or n == 0:
+        return np.empty((0, k))
+    w = np.ones((n, k)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.ndim == 1:
+        w = np.repeat(w[:, None], k, axis=1)
+    finite = np.isfinite(x)
+    w = np.where(finite, w, 0.0)
+    wx = w * np.where(finite, x, 0.0)
+    out = []
+    for counts in bootstrap_counts(n, n_boot, seed):
+        num, den = counts_matmul(counts, wx), counts_matmul(counts, w)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
+    return np.concatenate(out)
+
+
+def bootstrap_rows(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """The ``n_boot`` row-index arrays [n] of :func:`bootstrap_indices`, one at a time (the whole
+    n_boot x n matrix is never held); none when ``n_boot`` <= 0 or ``n`` is 0."""
+    if n_boot <= 0 or n == 0:
+        return
+    for idx in bootstrap_indices(n, n_boot, seed):
+        yield from idx
 
 
 def bootstrap_mean_ci(
@@ -237,7 +291,7 @@ def chance_accuracy(labels: np.ndarray, n_classes: int) -> float:
 
 
 def within_chance(accuracy: float, labels: np.ndarray, n_classes: int, z: float = 1.96) -> tuple[bool, float]:
-    """Whether ``accuracy`` is within sampling noise of chance, and the chance level.
+    """Whether ``accuracy`` is at most chance level plus sampling noise, and the chance level.
 
     Noise is the binomial standard error of an accuracy at chance level p0 on N samples,
     sqrt(p0 (1 - p0) / N); within noise means at most p0 + z standard errors (one-sided 97.5%).

@@ -216,7 +216,9 @@ SETTINGS: dict[str, Spec] = {
     "batch_size": POSITIVE_INT, "num_workers": COUNT, "device": DEVICE, "seed": SEED, "bootstrap": BOOTSTRAP,
     "max_subsets": POSITIVE_INT, "max_probe_samples": COUNT, "out": PATH,
     "nan_policy": Spec("choice", choices=("error", "skip")),
-    "balance_of": Spec("choice", choices=("shapley", "reliance", "cal", "mdi", "attribution"), optional=True),
+    # the choices are the registry's shareable contribution measures (plug-ins included): the CLI
+    # fills them in (mmdiag.cli.config.registry_choices) and balance checks its own argument
+    "balance_of": Spec("choice", optional=True),
     "num_classes": Spec("int", minimum=1, optional=True),
     "fix": Spec("str"), "fix_param": Spec("pairs", optional=True),
     "epochs": POSITIVE_INT, "optimizer": Spec("choice", choices=("sgd", "adam", "adamw")),
@@ -224,6 +226,10 @@ SETTINGS: dict[str, Spec] = {
     "momentum": Spec("float", minimum=0.0), "init": Spec("choice", choices=("scratch", "checkpoint")),
     "grad_clip": Spec("float", minimum=0.0, above=True, optional=True),
     "pool": Spec("choice", choices=("mean", "first", "flatten")),
+    # the deployment distribution (independent missing rates, parsed by mmdiag.deployment) and new
+    # data scored for distribution shift
+    "missing": Spec("pairs", optional=True, hint="MODALITY=RATE, e.g. rgb=0.3,depth=0.5"),
+    "ood_data": TEXT, "ood_quantile": Spec("float", minimum=0.0, maximum=1.0, above=True, optional=True),
 }
 #: ``rebalance --baseline`` is a switch (also train the plain model); ``analyze --baseline`` a report path.
 REBALANCE: dict[str, Spec] = {**SETTINGS, "baseline": BOOL}
@@ -232,7 +238,7 @@ REBALANCE: dict[str, Spec] = {**SETTINGS, "baseline": BOOL}
 COLLECT: dict[str, Spec] = {
     "batch_size": POSITIVE_INT, "num_workers": COUNT, "device": DEVICE, "seed": SEED,
     "max_feature_samples": COUNT, "max_grad_samples": COUNT, "grad_fraction": FRACTION,
-    "param_grad_fraction": FRACTION, "max_noise_samples": COUNT, "max_attribution_samples": COUNT,
+    "param_grad_fraction": FRACTION, "noise_fraction": FRACTION, "max_noise_samples": COUNT, "max_attribution_samples": COUNT,
     "attribution_fraction": FRACTION, "stats_samples": COUNT, "permutations": POSITIVE_INT,
     "noise_levels": Spec("ints", minimum=1, hint="1 is clean"), "noise_step": Spec("float", minimum=0.0, above=True),
     "ig_steps": POSITIVE_INT, "ig_max_steps": POSITIVE_INT, "ig_tolerance": Spec("float", minimum=0.0),
@@ -243,6 +249,7 @@ COLLECT: dict[str, Spec] = {
 THRESHOLDS: dict[str, Spec] = {
     "mild": UNIT, "strong": UNIT, "require_separation": BOOL, "probe_gap": UNIT, "probe_floor": UNIT,
     "combination_floor": UNIT, "noise_calibration": Spec("float", minimum=-1.0, maximum=1.0),
+    "deployment_drop": UNIT, "ood_margin": UNIT,
 }
 
 #: A diagnostic parameter annotated with one of these types is checked as that kind.

@@ -1,9 +1,7 @@
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 # one thread: tiny test models spin badly with more on a loaded 2-core machine
 torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")

@@ -70,9 +70,9 @@ def test_call_style_detected_and_logits_extracted(cls, style):
 def test_call_override_wins_and_wrong_override_fails_clearly():
     model = Positional()
     ad = ModelAdapter(model, MODS, call="kwargs")
-    with pytest.raises(AdapterError, match="called with kwargs inputs .*--call"):
+    with pytest.raises(AdapterError, match="called with kwargs inputs .*`call="):
         ad.call_model(batch())
-    with pytest.raises(ConfigError, match="--call"):
+    with pytest.raises(ConfigError, match="`call` must be one of"):
         ModelAdapter(model, MODS, call="banana")  # type: ignore[arg-type]
 
 
@@ -112,7 +112,7 @@ def test_black_box_model_masks_inputs():
 
     ad = ModelAdapter(Blob(), MODS, call="positional")
     assert ad.encoders is None and ad.mask_at == "input"
-    with pytest.raises(ConfigError, match="--mask-at feature"):
+    with pytest.raises(ConfigError, match="`mask_at='feature'`"):
         ModelAdapter(Blob(), MODS, call="positional", mask_at="feature")
 
 

@@ -289,3 +289,63 @@ def test_user_assertion_in_forward_names_the_file_and_line():
     ad = ModelAdapter(Strict(), MODS)
     with pytest.raises(UserCodeError, match=r"AssertionError at .*test_adapter_exactness.py:\d+.*my own shape check"):
         ad.call_model({"audio": torch.randn(2, 4), "visual": torch.randn(2, 4)})
+
+
+def test_an_encoder_that_is_one_conv_layer_is_pooled_over_its_length():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.audio_net = nn.Conv1d(3, 8, 3, padding=1)  # the encoder is the layer itself
+            self.visual_net = nn.Linear(4, 8)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, audio, visual):
+            return self.head(torch.cat([self.audio_net(audio).mean(2), self.visual_net(visual)], 1))
+
+    g = torch.Generator().manual_seed(0)
+    x = {"audio": torch.randn(5, 3, 7, generator=g), "visual": torch.randn(5, 4, generator=g)}
+    ad = ModelAdapter(Model().eval(), MODS)
+    ad.verify(x)
+    assert ad.layouts["audio"].channels == "first" and ad.layouts["audio"].source == "Conv1d"
+
+
+def test_a_sequence_first_encoder_output_falls_back_with_the_cause():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.audio_net = nn.LSTM(4, 6)  # batch_first=False: [T, B, H]
+            self.visual_net = nn.Linear(4, 6)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, audio, visual):
+            seq, _ = self.audio_net(audio.transpose(0, 1))
+            return self.head(torch.cat([seq[-1], self.visual_net(visual)], 1))
+
+    g = torch.Generator().manual_seed(0)
+    x = {"audio": torch.randn(8, 5, 4, generator=g), "visual": torch.randn(8, 4, generator=g)}
+    ad = ModelAdapter(SeqFirst().eval(), MODS)
+    ad.verify(x)
+    assert ad.mask_at == "input" and any("first axis is not the batch" in w for w in ad.warnings)
+
+
+def test_an_ambiguous_modality_name_is_said_as_such():
+    class Ambiguous(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.audio_net, self.audio_visual_fusion = nn.Linear(4, 6), nn.Linear(12, 3)
+            self.visual_net = nn.Linear(4, 6)
+
+        def forward(self, audio, visual):
+            return self.audio_visual_fusion(torch.cat([self.audio_net(audio), self.visual_net(visual)], 1))
+
+    ad = ModelAdapter(Ambiguous(), MODS)
+    assert ad.encoders is None and any("matches several submodules" in w for w in ad.warnings)
+
+
+@pytest.mark.parametrize("params", [{"max_iter": -3}, {"test_fraction": 1.5}, {"weight_decay": -1.0}])
+def test_out_of_range_probe_parameters_are_refused(params):
+    from mmdiag.api import build_diagnostics
+    from mmdiag.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="probe parameter"):
+        build_diagnostics(["probe"], {"probe": params})

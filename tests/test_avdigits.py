@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmdiag.avdigits import VIEWS, load_avdigits, split_indices
-from mmdiag.demo_model import AVDigitsNet, train_plain
+from mmdiag.examples_data.avdigits import VIEWS, load_avdigits, split_indices
+from mmdiag.examples_data.demo_model import AVDigitsNet, train_plain
 from mmdiag.errors import ConfigError
 
 N = 1797
@@ -100,13 +100,13 @@ def test_very_high_snr_is_close_to_clean():
 
 
 def test_shipped_file_is_small():
-    ref = resources.files("mmdiag").joinpath("data", "avdigits.npz")
+    ref = resources.files("mmdiag.examples_data").joinpath("data", "avdigits.npz")
     with resources.as_file(ref) as path:
         assert path.stat().st_size < 3_000_000
 
 
 def test_provenance_arrays_are_shipped():
-    ref = resources.files("mmdiag").joinpath("data", "avdigits.npz")
+    ref = resources.files("mmdiag.examples_data").joinpath("data", "avdigits.npz")
     with resources.as_file(ref) as path, np.load(path) as z:
         assert z["images"].dtype == np.uint8 and z["images"].max() == 16
         for k in ("voice_id", "variant_id", "speed", "pitch"):

@@ -24,7 +24,7 @@ from mmdiag.evidence import mask_of
 from mmdiag.loading import dataset_from_arrays
 
 # the black-box models here warn that they are black boxes: that is the point
-pytestmark = pytest.mark.filterwarnings("ignore:no encoder submodule is named like each modality")
+pytestmark = pytest.mark.filterwarnings("ignore:the encoders were not found by name")
 
 VOCAB, T, DENSE, CLASSES = 24, 6, 6, 3
 ENCODERS = {"tokens": "tokens_enc", "dense": "dense_enc"}
@@ -202,7 +202,7 @@ def test_black_box_skips_attribution_with_the_reason_and_never_errors():
     failures = {f.diagnostic: f for f in report.failures}
     assert failures["attribution"].kind == "skipped"
     reason = failures["attribution"].error
-    assert "integer inputs cannot be attributed at the input" in reason and "--encoder" in reason
+    assert "integer inputs cannot be attributed at the input" in reason and "`encoders={MODALITY: MODULE}`" in reason
     assert failures["udml"].kind == "skipped"  # noise features need the encoders of a black box too
     assert "filled with index 0" in " ".join(report.settings["adapter"]["notes"])
 
@@ -221,7 +221,7 @@ def test_udml_with_input_masking_uses_categorical_corruption():
 
 @pytest.mark.parametrize("mask", ["mean", "noise"])
 def test_mean_or_noise_mask_at_the_input_is_refused(mask):
-    with pytest.raises(ConfigError, match=r"integer modalities are masked at the input with an index.*--mask zero"):
+    with pytest.raises(ConfigError, match=r"integer modalities are masked at the input with an index.*`mask='zero'`"):
         mmdiag.analyze(trained(named=False), cat_data(), modalities=["tokens", "dense"], mask=mask,
                        only=["unimodal"], bootstrap=20, collect_settings=FAST)
     with pytest.raises(ConfigError, match=r"'tokens'.*index 0"):

@@ -11,7 +11,7 @@ import torch
 
 from mmdiag.errors import LoadError
 from mmdiag.loading import load_checkpoint
-from test_checkpoint_layouts import TwoModal, _prefixed, _same, _state
+from tests.test_checkpoint_layouts import TwoModal, _prefixed, _same, _state
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -110,4 +110,4 @@ def test_folder_without_weights_lists_what_it_holds(tmp_path: Path) -> None:
     msg = str(e.value)
     assert "config.json" in msg and "last.ckpt" in msg and "logs/" in msg
     assert "model.safetensors" in msg and "pytorch_model.bin.index.json" in msg
-    assert "point --checkpoint at one of those files" in msg
+    assert "point `checkpoint` at one of those files" in msg

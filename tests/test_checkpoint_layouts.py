@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from mmdiag.cli.app import app
 from mmdiag.errors import ConfigError, LoadError
 from mmdiag.loading import checkpoint_settings, load_checkpoint
-from mmdiag.synthetic import ToyNet
-from toys import DOMINANT, toy_split, trained_toy
+from mmdiag.examples_data.synthetic import ToyNet
+from tests.helpers.toys import DOMINANT, toy_split, trained_toy
 
 
 class TwoModal(nn.Module):
@@ -125,7 +125,7 @@ def test_keys_are_dropped_only_from_other_lightning_modules(tmp_path: Path) -> N
     with pytest.raises(LoadError) as e:
         load_checkpoint(TwoModal(), tmp_path / "plain.pt")
     msg = str(e.value)
-    assert "Stripping 'model.' supplies all of the model's keys" in msg and "--strip-prefix model." in msg
+    assert "Stripping 'model.' supplies all of the model's keys" in msg and "`strip_prefix='model.'`" in msg
     model = TwoModal()
     info = load_checkpoint(model, tmp_path / "plain.pt", strip_prefix="model.")
     assert _same(model, state) and info.dropped == ("loss_fn.weight",) and info.layout == "wrapped"
@@ -182,7 +182,7 @@ def test_two_matching_prefixes_are_an_error_not_a_guess(tmp_path: Path) -> None:
     with pytest.raises(LoadError) as e:
         load_checkpoint(model, tmp_path / "x.ckpt")
     msg = str(e.value)
-    assert "'student.'" in msg and "'teacher.'" in msg and "--strip-prefix" in msg
+    assert "'student.'" in msg and "'teacher.'" in msg and "`strip_prefix=" in msg
     assert _same(model, before)
     info = load_checkpoint(model, tmp_path / "x.ckpt", strip_prefix="teacher.")
     assert _same(model, teacher) and info.stripped_prefix == "teacher."
@@ -203,7 +203,7 @@ def test_no_prefix_fits_message_lists_keys_and_candidates(tmp_path: Path) -> Non
     assert "x.ckpt" in msg and "head.bias" in msg and "extra.weight" in msg
     assert "Prefixes tried: no prefix" in msg and "'model.'" in msg and "'loss_fn.'" in msg
     assert "The closest, 'model.'" in msg
-    assert "--strip-prefix" in msg and "--checkpoint-key" in msg
+    assert "`strip_prefix=PREFIX`" in msg and "`key=KEY`" in msg
     info = load_checkpoint(model, tmp_path / "x.ckpt", strict=False)  # what fits, listed
     assert info.stripped_prefix == "model." and info.missing == ("head.bias",)
     assert set(info.unexpected) == {"extra.weight", "loss_fn.weight"}
@@ -240,7 +240,7 @@ def test_lightning_hyper_parameters_objects_are_refused_and_named(tmp_path: Path
     assert not marker.exists(), "the checkpoint's code ran"
     assert "its weights under 'state_dict' are plain tensors" in msg
     assert "'hyper_parameters'" in msg and "Lightning" in msg
-    assert "argparse.Namespace" in msg and "--trust-checkpoint" in msg
+    assert "argparse.Namespace" in msg and "`trust=True`" in msg
     info = load_checkpoint(model, tmp_path / "x.ckpt", trust=True)
     assert _same(model, state) and info.stripped_prefix == "model." and info.layout == "lightning"
 
@@ -255,7 +255,7 @@ def test_objects_among_the_weights_get_the_plain_refusal(tmp_path: Path) -> None
     msg = " ".join(str(e.value).split())
     assert not marker.exists()
     assert "contains Python objects other than tensors" in msg and "io.open" in msg
-    assert "--trust-checkpoint" in msg and "plain tensors" not in msg
+    assert "`trust=True`" in msg and "plain tensors" not in msg
 
 
 # -------------------- Overrides: --checkpoint-key and --strip-prefix
@@ -279,7 +279,7 @@ def test_checkpoint_key_dotted_path(tmp_path: Path) -> None:
     with pytest.raises(LoadError) as e:
         load_checkpoint(model, tmp_path / "w.pt", key="model.ema")
     msg = str(e.value)
-    assert "'ema'" in msg and "under 'model'" in msg and "'state_dict'" in msg and "--checkpoint-key" in msg
+    assert "'ema'" in msg and "under 'model'" in msg and "'state_dict'" in msg and "`key`" in msg
     with pytest.raises(LoadError, match="'epoch' .*holds a builtins.int"):
         load_checkpoint(model, tmp_path / "w.pt", key="epoch")
 
@@ -301,7 +301,7 @@ def test_single_state_dict_under_any_key_and_several_need_a_key(tmp_path: Path) 
     model = TwoModal()
     assert load_checkpoint(model, tmp_path / "one.pt").wrapper == "weights" and _same(model, state)
     torch.save({"weights": state, "ema": _state(23)}, tmp_path / "two.pt")
-    with pytest.raises(LoadError, match="several state dicts.*--checkpoint-key"):
+    with pytest.raises(LoadError, match="several state dicts.*`key`"):
         load_checkpoint(model, tmp_path / "two.pt")
 
 
@@ -315,19 +315,19 @@ def test_strip_prefix_exactly(tmp_path: Path) -> None:
     with pytest.raises(LoadError) as e:
         load_checkpoint(TwoModal(), tmp_path / "x.ckpt", strip_prefix="net.")
     msg = str(e.value)
-    assert "none of its" in msg and "'model.'" in msg and "--strip-prefix" in msg
+    assert "none of its" in msg and "'model.'" in msg and "`strip_prefix`" in msg
     torch.save(_lightning(_prefixed(state, "model.module.")), tmp_path / "y.ckpt")
     with pytest.raises(LoadError) as e:  # exactly that prefix: module.audio.weight does not fit
         load_checkpoint(TwoModal(), tmp_path / "y.ckpt", strip_prefix="model.")
     msg = str(e.value)
-    assert "after stripping 'model.'" in msg and "came from --strip-prefix" in msg
+    assert "after stripping 'model.'" in msg and "came from `strip_prefix`" in msg
 
 
 # -------------------- Through the CLI
 
 
 MODEL_PY = textwrap.dedent('''
-    from mmdiag.synthetic import ToyNet
+    from mmdiag.examples_data.synthetic import ToyNet
 
     def toy():
         return ToyNet(["audio", "visual"])

@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mmdiag.cli.app import app
-from mmdiag.synthetic import ToyNet, fit_toy, make_toy
+from mmdiag.examples_data.synthetic import ToyNet, fit_toy, make_toy
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli_run import run
+from tests.helpers.cli_run import run
 from mmdiag.cli.app import app
 from mmdiag.loading import save_state_dict
-from toys import DOMINANT, toy_split, trained_toy
+from tests.helpers.toys import DOMINANT, toy_split, trained_toy
 
 runner = CliRunner()
 
@@ -37,7 +37,7 @@ MODEL_PY = textwrap.dedent('''
         return Research(hidden)
 
     def toy(**kw):
-        from mmdiag.synthetic import ToyNet
+        from mmdiag.examples_data.synthetic import ToyNet
         return ToyNet(["audio", "visual"], **kw)
 ''')
 
@@ -114,7 +114,7 @@ def test_no_checkpoint_and_chance_accuracy_are_said_on_stderr(workspace, tmp_pat
     res = run(["analyze", "--model", f"{workspace}/models.py:build", "--data", f"{workspace}/test.npz",
                "--call", "positional", "--out", str(tmp_path / "o"), *FAST])
     assert res.exit_code == 0, res.output
-    assert "no --checkpoint" in res.stderr and "within sampling noise of chance" in res.stderr
+    assert "no --checkpoint" in res.stderr and "chance level" in res.stderr
     notes = json.loads((tmp_path / "o" / "report.json").read_text())["notes"]
     assert any("no --checkpoint" in n for n in notes) and any("chance" in n for n in notes)
 

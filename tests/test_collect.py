@@ -13,8 +13,8 @@ from mmdiag.collect import CollectSettings, collect, subsample_size
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import members
 from mmdiag.loading import dataset_from_arrays
-from mmdiag.synthetic import ToyNet, make_toy
-from toys import ALL_KINDS, toy_split, trained_toy
+from mmdiag.examples_data.synthetic import ToyNet, make_toy
+from tests.helpers.toys import ALL_KINDS, toy_split, trained_toy
 
 CPU = dict(device="cpu", batch_size=64, max_attribution_samples=16, max_noise_samples=32, ig_steps=8)
 
@@ -122,7 +122,7 @@ def test_too_many_subsets_refused_unless_allowed():
     names = [f"m{j}" for j in range(9)]
     data = make_toy(n=8, strength=[1.0] * 9, modalities=names)
     ad = ModelAdapter(ToyNet(names), tuple(names))
-    with pytest.raises(ConfigError, match="512 subsets.*--max-subsets"):
+    with pytest.raises(ConfigError, match="512 subsets.*`max_subsets`"):
         collect(ad, dataset_from_arrays(data), {"subsets"}, CollectSettings(**CPU))
     ev = collect(ad, dataset_from_arrays(data), {"subsets"}, CollectSettings(**{**CPU, "max_subsets": 512}))
     assert ev.subsets.shape[0] == 512
@@ -141,7 +141,7 @@ def test_black_box_skips_encoder_kinds_with_reason():
     ev = collect(ModelAdapter(Blob(), ("audio", "visual"), call="positional"), dataset_from_arrays(data),
                  {"subsets", "features"}, CollectSettings(**CPU))
     reason = ev.meta["unavailable"]["features"]
-    assert ev.features is None and "black box" in reason and "no encoder submodule is named" in reason
+    assert ev.features is None and "black box" in reason and "not found by name" in reason
     assert any("black box" in w for w in ev.meta["warnings"])
     assert ev.subsets is not None
 
@@ -164,7 +164,8 @@ def test_subsample_size_is_a_fraction_between_floor_and_cap():
     assert subsample_size(100, 16, 0.25, 256) == 16          # a cap below the floor wins
     assert subsample_size(None, 300, 0.25, 256) == 300       # unknown N: the cap
     assert subsample_size(1000, 300, 1.0, 256) == 300        # fraction 1: the cap alone
-    for bad in ({"grad_fraction": 0.0}, {"attribution_fraction": 1.5}, {"param_grad_fraction": -0.1}, {"ig_max_steps": 4},
+    for bad in ({"grad_fraction": 0.0}, {"attribution_fraction": 1.5}, {"param_grad_fraction": -0.1}, {"noise_fraction": 0.0},
+                {"ig_max_steps": 4},
                 {"ig_tolerance": -0.1}):
         with pytest.raises(ConfigError):
             CollectSettings(**bad)
@@ -182,7 +183,7 @@ def test_gradient_and_attribution_subsamples_follow_the_fractions():
     assert int(ev.grad_batch_sizes.sum()) == 64 and ev.grad_cosine.shape == (ev.grad_batch_sizes.numel(), 2)
     assert len(set(ev.grad_rows.tolist())) == 300
     # the parameter-gradient rows are drawn from the feature-gradient rows (one seeded permutation)
-    from mmdiag.collect import _pick
+    from mmdiag.collect import pick as _pick
 
     assert _pick(400, 64, 12) <= _pick(400, 300, 12)
     wide = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"param_grads"},
@@ -239,3 +240,54 @@ def test_integrated_gradients_refines_unconverged_rows_only():
         matched[same & (matched == 0)] = steps
     assert bool((matched > 0).all())
     assert {str(k): v for k, v in zip(*(t.tolist() for t in torch.unique(matched, return_counts=True)))} == used
+
+
+# ------------------------------------------------------------------------------------ noise features
+class ScaledToy(torch.nn.Module):
+    """A ToyNet that rescales the audio input before its encoder (so the encoder cannot run alone)."""
+
+    def __init__(self, toy):
+        super().__init__()
+        self.encoders, self.head = toy.encoders, toy.head
+
+    def forward(self, inputs):
+        return self.head(torch.cat([self.encoders["audio"](2.0 * inputs["audio"]),
+                                    self.encoders["visual"](inputs["visual"])], dim=1))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_noise_features_match_full_forwards_on_the_corrupted_inputs(monkeypatch, scaled):
+    from mmdiag.collect import noise
+
+    model, test, names = _setup(2, n=300)
+    model = ScaledToy(model) if scaled else model
+    adapter = ModelAdapter(model, tuple(names))
+    calls = []
+    corruption, corrupted = noise.NoiseProducer.corruption, noise.NoiseProducer.corrupted_features
+
+    def record_corruption(self, m, x, level):
+        calls[-1]["noisy"][level] = out = corruption(self, m, x, level)
+        return out
+
+    def record_features(self, m, inputs, feats):
+        calls.append({"m": m, "inputs": inputs, "noisy": {}, "alone": self.alone[m]})
+        calls[-1]["out"] = out = corrupted(self, m, inputs, feats)
+        return out
+
+    monkeypatch.setattr(noise.NoiseProducer, "corruption", record_corruption)
+    monkeypatch.setattr(noise.NoiseProducer, "corrupted_features", record_features)
+    ev = collect(adapter, dataset_from_arrays(test), {"noise_features"},
+                 CollectSettings(device="cpu", batch_size=64, noise_levels=(1, 3, 6)))
+    assert ev.meta["subsample_rows"]["noise"] == noise.NOISE_FLOOR == ev.noise_rows.numel()  # 300 / 32 < floor
+    assert {c["m"]: c["alone"] for c in calls} == {"audio": not scaled, "visual": True}
+    for c in calls:
+        for j, level in enumerate((1, 3, 6)):
+            x = dict(c["inputs"])
+            if level != 1:
+                x[c["m"]] = c["noisy"][level]
+            with torch.no_grad(), adapter.capture() as captured:
+                adapter.call_model(x)
+            torch.testing.assert_close(c["out"][j], captured[c["m"]].float(), rtol=1e-5, atol=1e-6)
+    wide = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"noise_features"},
+                   CollectSettings(device="cpu", batch_size=64, noise_fraction=0.5, noise_levels=(1, 2)))
+    assert wide.noise_rows.numel() == 150 and len(set(wide.noise_rows.tolist())) == 150

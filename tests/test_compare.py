@@ -13,7 +13,7 @@ from mmdiag.cli.app import app
 from mmdiag.compare import compare, compare_document, compare_frame
 from mmdiag.report import Report, Result
 
-from test_render import assert_real_png, synthetic_report
+from tests.test_render import assert_real_png, synthetic_report
 
 
 def pair() -> tuple[Report, Report]:

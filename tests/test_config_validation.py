@@ -242,7 +242,8 @@ def test_the_schema_covers_every_setting_field_and_threshold() -> None:
 
 def test_the_schemas_choices_are_those_of_the_modules_that_use_them() -> None:
     from mmdiag.adapter import CALL_STYLES, MASK_KINDS, MASK_LEVELS
-    from mmdiag.diagnostics.balance import MEASURES
+    from mmdiag.cli.config import registry_choices
+    from mmdiag.diagnostics.balance import measures
     from mmdiag.loading import NAN_POLICIES
     from mmdiag.pooling import POOL_MODES
     from mmdiag.train import OPTIMIZERS
@@ -250,7 +251,7 @@ def test_the_schemas_choices_are_those_of_the_modules_that_use_them() -> None:
     s = validation.SETTINGS
     assert s["call"].choices == CALL_STYLES and s["mask"].choices == MASK_KINDS
     assert s["mask_at"].choices == MASK_LEVELS and s["nan_policy"].choices == NAN_POLICIES
-    assert s["balance_of"].choices == MEASURES and s["optimizer"].choices == OPTIMIZERS
+    assert registry_choices(s)["balance_of"].choices == measures() and s["optimizer"].choices == OPTIMIZERS
     assert validation.COLLECT["pool"].choices == POOL_MODES
 
 

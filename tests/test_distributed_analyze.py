@@ -13,7 +13,7 @@ from mmdiag.adapter import ModelAdapter
 from mmdiag.collect import CollectSettings, collect
 from mmdiag.evidence import merge_evidence
 from mmdiag.loading import dataset_from_arrays
-from toys import DOMINANT, toy_split, trained_toy
+from tests.helpers.toys import DOMINANT, toy_split, trained_toy
 
 KINDS = {"subsets", "features", "grad_x_act"}
 
@@ -27,9 +27,9 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
-    from mmdiag.distributed import init_from_env, shutdown
+    from mmdiag.runtime import join, leave
 
-    init_from_env("cpu")
+    join("cpu")
     try:
         model = trained_toy(DOMINANT, 0)
         data = dataset_from_arrays(toy_split(DOMINANT, 0)[1])
@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             ev.save(out)
     finally:
-        shutdown()
+        leave()
 
 
 def _by_index(ev, tensor):

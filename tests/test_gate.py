@@ -17,7 +17,7 @@ from mmdiag.errors import GateError
 from mmdiag.gate import (Baseline, Rule, evaluate, format_rule, measure, parse_rule, to_junit, to_markdown)
 from mmdiag.report import Failure, Report, Result, Verdict
 
-from test_render import synthetic_report
+from tests.test_render import synthetic_report
 
 
 def small_report(**over) -> Report:

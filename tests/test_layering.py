@@ -1,7 +1,7 @@
 """The import layering of the architecture, checked from the source's imports.
 
-cli -> api -> render | gate | train | collect -> diagnostics | fixes
-    -> adapter | evidence | report | registry | stats | loading -> errors
+The layers are stated once, in :data:`LAYERS` below; ARCHITECTURE.md ("Dependency direction")
+explains them.
 """
 
 from __future__ import annotations
@@ -13,18 +13,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "mmdiag"
 
-# layer number of each top-level module or package (higher may import lower, never the reverse)
+# The layer of each top-level module or package of mmdiag. A module may import from its own layer
+# and the layers below it, never from a higher one.
 LAYERS = {
+    # errors and the version string
     "errors": 0, "_version": 0,
-    "registry": 1, "validation": 1, "stats": 1, "report": 1, "evidence": 1,
-    "loading": 1, "adapter": 1, "synthetic": 1,
-    "distributed": 1, "categorical": 1, "tensors": 1, "pooling": 1, "detect": 1, "replay": 1,
-    "avdigits": 1, "demo_model": 1,
-    "diagnostics": 2, "fixes": 2,
-    "collect": 3, "render": 3, "gate": 3, "gate_rules": 3, "train": 3, "verdict": 3, "compare": 3,
-    "api": 4, "rebalance": 5, "demo": 5,
-    "cli": 6, "__main__": 7, "__init__": 7,
+    # shared helpers: registries, statistics, the atomic writer, settings schemas, tensor and rule utilities
+    "registry": 1, "stats": 1, "deployment": 1, "io": 1, "validation": 1, "tensors": 1, "gate_rules": 1,
+    # the model adapter, evidence, the report, loading, where mmdiag runs, and the demo data
+    "adapter": 2, "categorical": 2, "detect": 2, "pooling": 2, "replay": 2,
+    "evidence": 2, "report": 2, "report_text": 2, "loading": 2, "runtime": 2, "examples_data": 2,
+    # diagnostics, fixes and the verdict
+    "diagnostics": 3, "fixes": 3, "verdict": 3,
+    # running the model (collection, training), rendering, comparing and gating reports
+    "collect": 4, "train": 4, "specs": 4, "render": 4, "gate": 4, "compare": 4, "deploy": 4,
+    # the library's entry points
+    "api": 5, "rebalance": 6, "demo": 6,
+    "cli": 7, "__main__": 8, "__init__": 8,
 }
+WHERE = "LAYERS in tests/test_layering.py (ARCHITECTURE.md, \"Dependency direction\")"
 
 # third-party libraries allowed only in some layers
 ONLY_IN = {
@@ -33,6 +40,8 @@ ONLY_IN = {
     "rich": {"cli"},
     "captum": {"collect"},
 }
+# mmdiag modules that only some others may import: the demo data stays apart from the core
+IMPORTED_ONLY_BY = {"examples_data": {"demo"}}
 
 
 def modules():
@@ -54,14 +63,19 @@ def imports_of(path: Path):
 
 @pytest.mark.parametrize("path,top", list(modules()), ids=lambda x: str(x) if isinstance(x, str) else x.name)
 def test_imports_respect_layers(path, top):
-    assert top in LAYERS, f"{top} has no layer: add it to LAYERS in this test and ARCHITECTURE's diagram"
+    assert top in LAYERS, f"mmdiag/{top} has no layer: give it one in {WHERE}"
     for name in imports_of(path):
         parts = name.split(".")
         if parts[0] == "mmdiag" and len(parts) > 1:
             target = parts[1]
             if target == top:
                 continue
-            assert LAYERS[target] <= LAYERS[top], f"{path.relative_to(ROOT)} imports {name} (a higher layer)"
+            assert LAYERS[target] <= LAYERS[top], (
+                f"{path.relative_to(ROOT)} (layer {LAYERS[top]}) imports {name} (layer {LAYERS[target]}, higher); "
+                f"see {WHERE}")
+            if target in IMPORTED_ONLY_BY:
+                assert top in IMPORTED_ONLY_BY[target], (
+                    f"{path.relative_to(ROOT)} imports {name}; only {sorted(IMPORTED_ONLY_BY[target])} may")
             if top == "diagnostics":
                 assert target not in {"adapter", "collect", "render", "cli"}
         lib = parts[0]
@@ -77,3 +91,13 @@ def test_diagnostics_do_not_import_each_other():
             parts = name.split(".")
             if parts[:2] == ["mmdiag", "diagnostics"] and len(parts) > 2:
                 assert parts[2] not in names or parts[2] == path.stem, f"{path.name} imports {name}"
+
+
+def test_only_runtime_imports_torch_distributed():
+    """One distributed layer: process groups, ranks and collectives go through mmdiag.runtime."""
+    for path, top in modules():
+        if top == "runtime":
+            continue
+        for name in imports_of(path):
+            assert not name.startswith("torch.distributed"), (
+                f"{path.relative_to(ROOT)} imports {name}; use mmdiag.runtime.distributed")

@@ -235,7 +235,7 @@ def test_full_module_pickle_needs_trust(tmp_path: Path) -> None:
     with pytest.raises(LoadError) as e:
         load_checkpoint(model, tmp_path / "full.pt")
     msg = str(e.value)
-    assert "full.pt" in msg and "--trust-checkpoint" in msg and "run code" in msg
+    assert "full.pt" in msg and "`trust=True`" in msg and "run code" in msg
     info = load_checkpoint(model, tmp_path / "full.pt", trust=True)
     assert info.format == "module-pickle" and _same(model, saved.state_dict())
 
@@ -247,7 +247,7 @@ def test_torchscript_needs_trust(tmp_path: Path) -> None:
     model = nn.Linear(3, 4)
     with pytest.raises(LoadError, match="TorchScript") as e:
         load_checkpoint(model, tmp_path / "ts.pt")
-    assert "--trust-checkpoint" in str(e.value)
+    assert "`trust=True`" in str(e.value)
     info = load_checkpoint(model, tmp_path / "ts.pt", trust=True)
     assert info.format == "torchscript" and _same(model, saved.state_dict())
 
@@ -279,7 +279,7 @@ def test_hostile_pickle_refused_and_not_run(tmp_path: Path, style: str) -> None:
     msg = str(e.value)
     assert "evil.pt" in msg
     if style != "plain-pickle":
-        assert "--trust-checkpoint" in msg and "io.open" in msg
+        assert "`trust=True`" in msg and "io.open" in msg
     else:  # not a torch.save file at all
         assert "could not be read" in msg
 
@@ -298,7 +298,7 @@ def test_mismatch_message(tmp_path: Path) -> None:
     assert "1 model key(s) missing" in msg and "head.bias" in msg
     assert "1 unexpected" in msg and "extra.weight" in msg
     assert "audio.weight: checkpoint (5, 3) vs model (4, 3)" in msg
-    assert "Check that --model builds the same architecture" in msg
+    assert "Check that `model` builds the same architecture" in msg
     assert _same(model, before)  # nothing was loaded
 
 
@@ -510,7 +510,7 @@ def test_factory_errors(data_py: Path) -> None:
 def test_factory_nan_error_and_skip(data_py: Path) -> None:
     ds, _ = load_dataset(f"{data_py}:Pairs", kwargs={"n": 5, "nan_at": 2})
     ds[1]
-    with pytest.raises(EvidenceError, match="--nan-policy skip"):
+    with pytest.raises(EvidenceError, match="`nan_policy='skip'`"):
         ds[2]
     ds, _ = load_dataset(f"{data_py}:Pairs", kwargs={"n": 5, "nan_at": 2}, nan_policy="skip")
     assert len(ds) == 4 and ds.dropped == 1
@@ -595,7 +595,7 @@ def test_nan_error_and_skip(tmp_path: Path) -> None:
         load_dataset(str(tmp_path / "d.npz"))
     msg = str(e.value)
     assert "audio: 2 samples" in msg and "video: 2 samples" in msg
-    assert "use --nan-policy skip to drop those samples" in msg
+    assert "use `nan_policy='skip'` to drop those samples" in msg
     ds, _ = load_dataset(str(tmp_path / "d.npz"), nan_policy="skip")
     assert ds.dropped == 3 and len(ds) == 5
     np.testing.assert_array_equal(ds.labels, (np.arange(8) % 3)[[0, 2, 3, 5, 7]])
@@ -640,5 +640,5 @@ def test_numpy_scalars_beside_weights_need_no_trust(tmp_path: Path) -> None:
     info = load_checkpoint(model, tmp_path / "w.pt")
     assert info.wrapper == "state_dict" and _same(model, state)
     torch.save({"state_dict": state, "hist": np.zeros(3)}, tmp_path / "a.pt")  # arrays: no
-    with pytest.raises(LoadError, match="--trust-checkpoint"):
+    with pytest.raises(LoadError, match="`trust=True`"):
         load_checkpoint(model, tmp_path / "a.pt")

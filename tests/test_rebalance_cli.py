@@ -15,17 +15,18 @@ import torch
 from typer.testing import CliRunner
 
 from mmdiag.cli.app import app
+from mmdiag.compare import COMPARISON_COLUMNS, compare_runs
 from mmdiag.fixes import FIXES
 from mmdiag.loading import load_checkpoint
-from mmdiag.rebalance import COMPARISON_COLUMNS, FALLBACK_FIX, choose_fix, compare_reports, make_fix
+from mmdiag.rebalance import FALLBACK_FIX, choose_fix, make_fix
 from mmdiag.report import Report, Result, Verdict
-from mmdiag.synthetic import ToyNet
-from toys import DOMINANT, toy_split, trained_toy
+from mmdiag.examples_data.synthetic import ToyNet
+from tests.helpers.toys import DOMINANT, toy_split, trained_toy
 
 runner = CliRunner()
 
 MODEL_PY = textwrap.dedent('''
-    from mmdiag.synthetic import ToyNet
+    from mmdiag.examples_data.synthetic import ToyNet
 
     def build(feat_dim=16):
         return ToyNet(["audio", "visual"], feat_dim=feat_dim)
@@ -216,10 +217,10 @@ def test_choose_fix_falls_back_when_unregistered_or_none() -> None:
     assert none["used"] == FALLBACK_FIX and none["recommended"] is None and "recommends no fix" in none["note"]
 
 
-def test_compare_reports_differences_and_separation() -> None:
+def test_compare_runs_differences_and_separation() -> None:
     before, after = _report("ogm_ge"), _report("ogm_ge")
     after.diagnostics["unimodal"] = Result("unimodal", 0.1, {"a": 0.9, "b": 0.8}, ci={"a": [0.85, 0.95], "b": [0.75, 0.85]})
-    rows = {r["key"]: r for r in compare_reports(after, before, None, {"after": [0.9, 1.0], "before": [0.9, 1.0]})}
+    rows = {r["key"]: r for r in compare_runs(after, before, None, {"after": [0.9, 1.0], "before": [0.9, 1.0]})}
     assert rows["unimodal.b"]["after_minus_before"] == pytest.approx(0.2)
     assert rows["unimodal.b"]["separated_after_before"] is True
     assert rows["unimodal.a"]["separated_after_before"] is False
@@ -239,7 +240,9 @@ def test_gradient_scaling_fix_under_adam_says_so(ws: Path) -> None:
             "--format", "json"]
     res = run(args, ws)
     assert res.exit_code == 0, res.output
-    notes = json.loads((ws / "adam" / "comparison.json").read_text())["notes"]
-    assert any("ogm_ge acts by rescaling gradients" in n and "--optimizer sgd" in n for n in notes), notes
+    notes = json.loads((ws / "adam" / "comparison.json").read_text())["notes"]  # the library's words
+    assert any("ogm_ge acts by rescaling gradients" in n and "`optimizer='sgd'`" in n for n in notes), notes
+    printed = " ".join(res.stdout.split())  # the command line's words: the flag
+    assert "ogm_ge acts by rescaling gradients" in printed and "(try --optimizer sgd)" in printed, res.stdout
     assert FIXES.get("ogm_ge").scales_gradients and FIXES.get("agm").scales_gradients
     assert not FIXES.get("modality_dropout").scales_gradients

@@ -195,15 +195,39 @@ def test_html_is_self_contained_small_and_complete(report6: Report, plots6, tmp_
     assert base64.b64decode(images[0])[:8] == PNG_MAGIC
 
 
-def test_how_to_read_comes_from_the_docstring() -> None:
+def test_how_to_read_and_scale_come_from_the_declarations() -> None:
+    from mmdiag.diagnostics import DIAGNOSTICS
+
     title, how = doc_parts("shapley")
     assert title.startswith("Shapley")
-    assert how and how.count(". ") <= 2
+    assert how == " ".join(DIAGNOSTICS.get("shapley").how_to_read.split())
     assert doc_parts("not_a_diagnostic") == ("", "")
+    for name in DIAGNOSTICS.names():  # every built-in declares what the report shows
+        cls = DIAGNOSTICS.get(name)
+        assert cls.how_to_read and cls.scale and cls.higher_means and cls.figures, name
+        assert "How to read it" not in (cls.__doc__ or ""), f"{name}: the reading guide lives in how_to_read"
     rep = synthetic_report(2, with_failures=False)
     html = render_html(rep, PlotSet())  # no plots: text only, fast
     assert "How to read this" in html
+    assert "Per modality: accuracy added (Shapley value); higher means" in html
     assert "udml summary line" in html  # unregistered diagnostic: falls back to Result.summary
+
+
+def test_each_result_draws_the_figures_its_diagnostic_declares(monkeypatch, tmp_path: Path) -> None:
+    from mmdiag.diagnostics import DIAGNOSTICS
+    from mmdiag.render.figures import FIGURES
+
+    rep = synthetic_report(2, with_failures=False)
+    rep.diagnostics = {n: rep.diagnostics[n] for n in ("shapley", "udml", "combinations")}
+    # a declared figure no module registers is skipped with a reason; the rest still renders
+    monkeypatch.setattr(DIAGNOSTICS.get("shapley"), "figures", ("modality_bars", "no_such_figure"))
+    plots = report_plots(rep)
+    for name in rep.diagnostics:
+        for figure in DIAGNOSTICS.get(name).figures:
+            key = FIGURES.get(figure).key.format(name=name) if figure in FIGURES else f"{name}_{figure}"
+            assert key in plots.by_diagnostic[name] or key in plots.skipped, (name, figure)
+    assert plots.by_diagnostic["udml"] == ["udml_bars", "udml_calibration"]
+    assert "no installed module registers" in plots.skipped["shapley_no_such_figure"]
 
 
 def test_markdown(report6: Report) -> None:

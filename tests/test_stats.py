@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mmdiag import stats
-from mmdiag.diagnostics._shares import mean_draws
-from mmdiag.stats import bootstrap_counts, bootstrap_indices, bootstrap_mean_ci, bootstrap_mean_draws
+from mmdiag.stats import (bootstrap_counts, bootstrap_indices, bootstrap_mean_ci, bootstrap_mean_draws,
+                          bootstrap_weighted_mean_draws)
 
 
 def slow_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -44,7 +44,7 @@ def test_weighted_mean_draws_drop_non_finite_entries() -> None:
     x = rng.normal(size=(60, 2))
     x[::7, 1] = np.nan
     w = rng.uniform(0.5, 2.0, size=60)
-    got = mean_draws(x, 50, 2, w)
+    got = bootstrap_weighted_mean_draws(x, 50, 2, w)
     ref = []
     for idx in bootstrap_indices(60, 50, 2):
         for row in idx:
@@ -70,3 +70,26 @@ def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     gen.close()
     assert (50, 200, 9) not in stats._COUNTS_CACHE
     stats._COUNTS_CACHE.clear()
+
+
+def test_percentile_interval_leaves_out_nan_and_with_finite_infinite_draws() -> None:
+    rng = np.random.default_rng(1)
+    draws = rng.normal(size=(400, 3))
+    draws[::7, 0] = np.nan
+    draws[::5, 1] = np.inf
+    draws[:, 2] = np.nan
+    got = stats.percentile_interval(draws, 0.9, finite=True)
+    for j in range(2):  # the slow reference: the finite draws of each column alone
+        col = draws[:, j][np.isfinite(draws[:, j])]
+        alpha = (1.0 - 0.9) / 2.0
+        assert np.array_equal(got[j], np.quantile(col, [alpha, 1.0 - alpha]))
+    assert np.isnan(got[2]).all()  # no draw left
+    assert not np.array_equal(stats.percentile_interval(draws[:, 1], 0.9), got[1])  # kept without ``finite``
+    assert stats.percentile_interval(draws[:, 0], 0.9).shape == (2,)
+    assert np.isnan(stats.percentile_interval(np.empty((0, 4)), 0.9)).all()
+
+
+def test_modality_intervals_are_plain_floats() -> None:
+    out = stats.modality_intervals(("a", "v"), np.array([[0.1, 0.2], [0.3, 0.4]], dtype=np.float32))
+    assert out == {"a": [pytest.approx(0.1), pytest.approx(0.2)], "v": [pytest.approx(0.3), pytest.approx(0.4)]}
+    assert all(type(x) is float for lo_hi in out.values() for x in lo_hi)

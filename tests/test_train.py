@@ -15,9 +15,9 @@ from torch import nn
 from mmdiag.adapter import ModelAdapter
 from mmdiag.errors import ConfigError, TrainError
 from mmdiag.fixes import FIXES
-from mmdiag.synthetic import ToyNet
+from mmdiag.examples_data.synthetic import ToyNet
 from mmdiag.train import CHECKPOINT, Interrupted, TrainProgress, evaluate, fit, load_training_checkpoint
-from toys import DOMINANT, toy_split
+from tests.helpers.toys import DOMINANT, toy_split
 
 MODS = ("audio", "visual")
 
@@ -58,7 +58,7 @@ def test_history_columns() -> None:
 
 
 def test_evaluate_matches_a_hand_count() -> None:
-    from toys import trained_toy
+    from tests.helpers.toys import trained_toy
 
     model = trained_toy(DOMINANT, 0)
     _, val = toy_split(DOMINANT, 0)
@@ -178,9 +178,9 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, fixes: list[str]) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from mmdiag.train import distributed
+    from mmdiag.runtime import process_group
 
-    with distributed("cpu"):
+    with process_group("cpu"):
         for name in fixes:
             model = _model(seed=rank)  # different per rank: DDP broadcasts rank 0's weights
             hist = _fit(model, fix_name=name, epochs=2, batch_size=32, out_dir=os.path.join(out, f"{name}-rank{rank}"))

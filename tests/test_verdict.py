@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 
+from mmdiag.diagnostics import Diagnostic
 from mmdiag.errors import ConfigError
+from mmdiag.fixes import FIXES, Fix
 from mmdiag.report import Result
-from mmdiag.verdict import VerdictThresholds, dominance_index, judge
+from mmdiag.verdict import PROBLEMS, RULES, VerdictThresholds, dominance_index, fixes_for, judge
 
 
 def res(name, values, half_width=0.02, **details):
@@ -117,3 +122,121 @@ def test_missing_intervals_without_bootstrap_0_are_named_too():
     v = judge({"shapley": r}, MODS)
     assert v.severity == "strong"
     assert any("shapley has no interval for audio, visual" in x and "point estimates" in x for x in v.reasons)
+
+
+# ------------------------------------------------------------------- the fix lookup over declarations
+
+
+def mdi_result(flag=True, dominant="audio", gradient=(0.8, 0.2), entropy=(0.6, 0.4)):
+    return Result("mdi", 0.9, {"audio": 0.7, "visual": 0.3},
+                  details={"dominance_flag": flag, "dominant": dominant if flag else None,
+                           "gradient_share": dict(zip(MODS, gradient)), "entropy_share": dict(zip(MODS, entropy))})
+
+
+def test_agm_is_recommended_for_a_black_box_where_ogm_ge_cannot_run():
+    results = {"shapley": res("shapley", {"audio": 0.6, "visual": 0.05})}
+    assert judge(results, MODS).recommended_fix == "ogm_ge"
+    assert judge(results, MODS, has_encoders=True).recommended_fix == "ogm_ge"
+    v = judge(results, MODS, has_encoders=False)
+    assert v.recommended_fix == "agm" and "gradient modulation slows it" in v.reasons[-1]
+    # a collapsed combination is still modality_dropout's, which needs no encoders either
+    comb = Result("combinations", 0.12, {"audio": 0.3, "visual": 0.9}, details={"chance": 0.1, "weakest": "visual"})
+    assert judge({**results, "combinations": comb}, MODS, has_encoders=False).recommended_fix == "modality_dropout"
+
+
+def test_mdacl_when_mdi_flags_the_dominant_modality_leading_both_factors():
+    base = {"shapley": res("shapley", {"audio": 0.6, "visual": 0.05})}
+    v = judge({**base, "mdi": mdi_result()}, MODS)
+    assert v.recommended_fix == "mdacl" and any("leads both of its factors" in r for r in v.reasons)
+    # driven by the gradient alone (visual's features are the richer ones): gradient modulation
+    assert judge({**base, "mdi": mdi_result(entropy=(0.4, 0.6))}, MODS).recommended_fix == "ogm_ge"
+    assert judge({**base, "mdi": mdi_result(flag=False)}, MODS).recommended_fix == "ogm_ge"
+    assert judge({**base, "mdi": mdi_result(dominant="visual")}, MODS).recommended_fix == "ogm_ge"
+    # the more specific findings come first
+    conflict = res("gradient_conflict", {"audio": 0.5, "visual": -0.3})
+    assert judge({**base, "mdi": mdi_result(), "gradient_conflict": conflict}, MODS).recommended_fix == "mmpareto"
+    # on a black box mdi cannot run, and mdacl needs encoders anyway
+    assert judge({**base, "mdi": mdi_result()}, MODS, has_encoders=False).recommended_fix == "agm"
+
+
+@dataclass
+class BlackBoxPareto(Fix):
+    """A registered fix that treats gradient conflicts without encoders."""
+
+    name: ClassVar[str] = "black_box_pareto"
+    summary: ClassVar[str] = "test fix"
+    targets: ClassVar[tuple[str, ...]] = ("gradient_conflict",)
+    needs_encoders: ClassVar[bool] = False
+
+
+def test_the_recommendation_is_a_lookup_over_the_registered_fixes(monkeypatch):
+    base = {"shapley": res("shapley", {"audio": 0.6, "visual": 0.05}),
+            "gradient_conflict": res("gradient_conflict", {"audio": 0.5, "visual": -0.3})}
+    # without a fix for the finding on a black box, the verdict says so and goes on
+    v = judge(base, MODS, has_encoders=False)
+    assert v.recommended_fix == "agm"
+    assert any("no registered fix that targets gradient_conflict can run" in r for r in v.reasons)
+    monkeypatch.setattr(FIXES, "_items", {**FIXES._items, BlackBoxPareto.name: BlackBoxPareto})
+    assert fixes_for("gradient_conflict") == ["mmpareto", "black_box_pareto"]  # encoder-level first
+    assert judge(base, MODS, has_encoders=False).recommended_fix == "black_box_pareto"
+    assert judge(base, MODS).recommended_fix == "mmpareto"
+    # no fix registered for anything: no recommendation, and reasons for each finding
+    monkeypatch.setattr(FIXES, "_items", {})
+    v = judge(base, MODS)
+    assert v.recommended_fix is None and v.dominant == "audio"
+
+
+def test_problems_fixes_and_diagnostics_declare_one_vocabulary():
+    from mmdiag.diagnostics import DIAGNOSTICS
+
+    assert [p for problems, _ in RULES for p in problems] == list(PROBLEMS)  # one rule each, in order
+    for cls in FIXES.classes():
+        assert set(cls.targets) <= set(PROBLEMS), cls.name
+        assert cls.targets or cls.name == "none", f"{cls.name} declares no targets: the verdict can never recommend it"
+    argued = set()
+    for cls in DIAGNOSTICS.classes():
+        assert set(cls.argues_for) <= set(PROBLEMS), cls.name
+        argued |= set(cls.argues_for)
+    for problem in PROBLEMS:
+        assert fixes_for(problem), f"no registered fix targets {problem}"
+        assert problem in argued, f"no diagnostic argues for {problem}"
+    for name in FIXES.names():  # every built-in fix can be recommended
+        if name != "none":
+            assert any(name in fixes_for(p, has) for p in PROBLEMS for has in (True, False)), name
+
+
+@dataclass(frozen=True)
+class Loudness(Diagnostic):
+    """A stand-in contribution measure registered for one test."""
+
+    name: ClassVar[str] = "loudness"
+    summary: ClassVar[str] = "test measure"
+    contribution: ClassVar[bool] = True
+
+    def compute(self, ev, prior=None):  # pragma: no cover - never run here
+        raise NotImplementedError
+
+
+def test_the_compared_measures_are_the_declared_contribution_measures(monkeypatch):
+    from mmdiag.diagnostics import DIAGNOSTICS
+
+    results = {"shapley": res("shapley", {"audio": 0.6, "visual": 0.05}),
+               "loudness": res("loudness", {"audio": 0.1, "visual": 0.9}),
+               "unimodal": res("unimodal", {"audio": 0.2, "visual": 0.9}, chance=0.1)}
+    assert not any("loudness" in r for r in judge(results, MODS).reasons)  # not registered: not compared
+    monkeypatch.setattr(DIAGNOSTICS, "_items", {**DIAGNOSTICS._items, "loudness": Loudness})
+    reasons = judge(results, MODS).reasons
+    assert any("loudness (visual)" in r and "disagree" in r for r in reasons)
+    assert not any("unimodal (" in r for r in reasons)  # unimodal declares no contribution
+
+
+def test_the_analysis_tells_the_verdict_whether_the_encoders_are_known():
+    from mmdiag.api import analyze_evidence
+    from tests.helpers.toys import DOMINANT, toy_evidence
+
+    ev = toy_evidence(DOMINANT, 0)
+    ev.meta["encoders"] = None  # what the adapter records for a black box
+    black_box = analyze_evidence(ev, only=["shapley"], bootstrap=50).verdict
+    assert black_box.dominant == "audio" and black_box.recommended_fix == "agm"
+    ev.meta["encoders"] = {"audio": "audio_net", "visual": "visual_net"}
+    assert analyze_evidence(ev, only=["shapley"], bootstrap=50).verdict.recommended_fix == "ogm_ge"

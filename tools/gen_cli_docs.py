@@ -31,6 +31,11 @@ model.py:12 while running the model's forward: ...`). Any other exception is an 
 mmdiag (`error: internal error in mmdiag (TypeError: ...); rerun with --debug for the traceback and
 report it`), also exit 2.
 
+The library's messages name settings as Python code (`` `mask_at='input'` `` from
+`mmdiag.analyze`); the command line prints them with its flags (`--mask-at input`), in errors,
+warnings, notes and gate outcomes alike. Files the library writes (`report.json`,
+`comparison.json`) keep the library's wording.
+
 ## Settings are checked by type and range
 
 Every flag and every config key (top level, `[rebalance]`, `[collect]`, `[thresholds]`,

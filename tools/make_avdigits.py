@@ -1,4 +1,4 @@
-"""Generate the embedded AV-digits dataset (``mmdiag/data/avdigits.npz``).
+"""Generate the embedded AV-digits dataset (``mmdiag/examples_data/data/avdigits.npz``).
 
 AV-digits pairs each of the 1,797 handwritten 8x8 digits of scikit-learn's
 bundled ``load_digits`` (the UCI "Optical Recognition of Handwritten Digits"
@@ -13,10 +13,10 @@ How to regenerate
 On a Debian/Ubuntu machine::
 
     apt-get update && apt-get install -y espeak-ng
-    python3 -m venv /tmp/genvenv
-    /tmp/genvenv/bin/pip install numpy scipy scikit-learn
-    /tmp/genvenv/bin/python tools/make_avdigits.py            # writes mmdiag/data/avdigits.npz
-    /tmp/genvenv/bin/python tools/make_avdigits.py --check    # also validates the noise model
+    python3 -m venv .genvenv
+    .genvenv/bin/pip install numpy scipy scikit-learn
+    .genvenv/bin/python tools/make_avdigits.py            # writes mmdiag/examples_data/data/avdigits.npz
+    .genvenv/bin/python tools/make_avdigits.py --check    # also validates the noise model
 
 The output is deterministic for a given espeak-ng version (the one used is
 recorded in the file under ``espeak_version``).
@@ -45,7 +45,7 @@ sum(w^2)``, so white noise of variance ``s2`` has expected per-bin power
 4 kHz, written here from the standard mel formula) gives the linear band
 power ``B[b, t] = sum_k M[b, k] S_t(k)``.
 
-Shipped arrays (see ``mmdiag/avdigits.py`` for how they are used):
+Shipped arrays (see ``mmdiag/examples_data/avdigits.py`` for how they are used):
 
 * ``images``       uint8 [N, 8, 8], values 0..16, as in ``load_digits``.
 * ``labels``       int64 [N].
@@ -65,7 +65,7 @@ Shipped arrays (see ``mmdiag/avdigits.py`` for how they are used):
 Noise at load time
 ------------------
 Waveforms are not shipped, yet noise can be added at any SNR at load time.
-``mmdiag.avdigits.noisy_band_power`` takes noise variance
+``mmdiag.examples_data.avdigits.noisy_band_power`` takes noise variance
 ``s2 = clip_power / 10**(snr/10)`` and, per band and frame, forms
 
     B_noisy = max(B + N + X, 0)
@@ -140,7 +140,7 @@ VARIANTS = ("", "m1", "m2", "m3", "m4", "m7", "f1", "f2", "f3", "f4")
 SPEED_RANGE = (130, 210)  # words per minute, inclusive
 PITCH_RANGE = (25, 75)  # espeak-ng pitch 0..99, inclusive
 
-OUT_PATH = Path(__file__).resolve().parents[1] / "mmdiag" / "data" / "avdigits.npz"
+OUT_PATH = Path(__file__).resolve().parents[1] / "mmdiag" / "examples_data" / "data" / "avdigits.npz"
 
 
 def hz_to_mel(f):
@@ -279,7 +279,7 @@ def build(workers: int = 2) -> dict[str, np.ndarray]:
 def check_noise_model(data: dict[str, np.ndarray], n_clips: int = 60, snrs=(0.0, -5.0, -10.0, -15.0)) -> None:
     """Compare the loader's noise model with noise added to real waveforms."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mmdiag.avdigits import noisy_band_power
+    from mmdiag.examples_data.avdigits import noisy_band_power
 
     fb = data["mel_fb"].astype(np.float64)
     floor = float(data["log_floor"])

@@ -1,14 +1,14 @@
 """AV-digits: a fusion model that leans on clean audio, the same model on noisy audio, and the fix.
 
 AV-digits pairs real handwritten digits (scikit-learn's ``load_digits``) with spoken digits
-synthesised by espeak-ng; it ships with mmdiag (``mmdiag.avdigits``). With clean audio a jointly
+synthesised by espeak-ng; it ships with mmdiag (``mmdiag.examples_data.avdigits``). With clean audio a jointly
 trained late-fusion network learns the digit from the speech and leaves its image branch
 under-trained. White noise added to the audio weakens that modality, so the signal-to-noise ratio
 is a ground-truth dial of dominance.
 
 What this script does (everything lands in ``--out``, default ``examples/avdigits/out``):
 
-1. ``clean/``: trains :class:`mmdiag.demo_model.AVDigitsNet` on clean audio (plain joint training,
+1. ``clean/``: trains :class:`mmdiag.examples_data.demo_model.AVDigitsNet` on clean audio (plain joint training,
    Adam), saves ``model.pt`` (a state dict), ``train.npz`` and ``val.npz``, and runs
    ``mmdiag analyze`` with this folder's ``mmdiag.toml``: the report says which modality dominates.
 2. ``noisy/``: the same at ``--snr`` dB (default -6: the sweep puts the balance point of this model
@@ -44,8 +44,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mmdiag.avdigits import load_avdigits, split_indices
-from mmdiag.demo_model import AVDigitsNet, train_plain
+from mmdiag.examples_data.avdigits import load_avdigits, split_indices
+from mmdiag.examples_data.demo_model import AVDigitsNet, train_plain
 
 HERE = Path(__file__).resolve().parent
 MODALITIES = ("audio", "visual")

@@ -59,7 +59,7 @@ def train_like_research_code(folder: Path, epochs: int, seed: int) -> None:
         from model import build  # the copy in the project folder
     finally:
         sys.path.pop(0)
-    from mmdiag.avdigits import load_avdigits, split_indices
+    from mmdiag.examples_data.avdigits import load_avdigits, split_indices
 
     data = load_avdigits(views=("audio", "visual"))
     tr, va = split_indices(len(data["label"]), 0.3, seed)

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mmdiag.synthetic import ToyNet, fit_toy, make_toy
+from mmdiag.examples_data.synthetic import ToyNet, fit_toy, make_toy
 
 MODALITIES = ("audio", "visual")
 

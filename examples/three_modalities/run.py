@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 from model import build  # noqa: E402
 
 import mmdiag  # noqa: E402
-from mmdiag.avdigits import load_avdigits, split_indices  # noqa: E402
+from mmdiag.examples_data.avdigits import load_avdigits, split_indices  # noqa: E402
 from mmdiag.render import write_outputs  # noqa: E402
 
 MODALITIES = ("audio", "top", "bottom")

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import typer
 from rich.markup import escape
 
 from mmdiag.cli import config as cfg
 from mmdiag.cli import options as opt
-from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, parse_pairs, prepare_out_dir, split_list
-from mmdiag.cli.summary import print_summary, print_warnings
+from mmdiag.cli.common import STATE, ProgressBar, console, err_console, handle_errors, parse_pairs, prepare_out_dir, split_list
+from mmdiag.cli.summary import print_details, print_summary, print_warnings
 from mmdiag.errors import ConfigError, MmdiagWarning
+from mmdiag.io import staged_folder
+
+if TYPE_CHECKING:  # the specs import torch: only when the command runs
+    from mmdiag.specs import AdapterSpec, AnalysisSpec
 
 HELP = """Diagnose modality imbalance of a trained multimodal classifier.
 
@@ -22,13 +26,22 @@ Loads --model (a factory: FILE.py:fn or package.module:fn) and --checkpoint, run
 and OUT/plots/. With --gate, the rules of [gate] in the config are checked right after (exit codes as
 for `mmdiag gate`)."""
 
+def balance_of_help() -> str:
+    """The --balance-of help: the measures balance can summarise, as the registry declares them."""
+    from mmdiag.diagnostics.balance import measures
+
+    return ("Contribution measure behind 'balance' (default shapley): " + ", ".join(measures())
+            + " (every diagnostic declared a shareable contribution measure, plug-ins included).")
+
+
 #: Flags that config files may set (the command's parameter names).
 SETTINGS = (
     "model", "checkpoint", "data", "modalities", "call", "encoder", "head", "mask", "mask_at",
     "trust_checkpoint", "checkpoint_key", "strip_prefix", "batch_size", "num_workers", "device", "seed",
     "bootstrap", "only", "skip",
     "max_subsets", "max_probe_samples", "probe_data", "per_sample", "out", "overwrite", "nan_policy",
-    "balance_of", "save_evidence", "num_classes", "run_gate", "baseline",
+    "balance_of", "save_evidence", "num_classes", "run_gate", "baseline", "restore", "missing", "ood_data",
+    "ood_quantile",
 )
 
 
@@ -56,6 +69,24 @@ def load_inputs(o: dict[str, Any], config: dict[str, Any]) -> tuple[Any, Any, tu
         "data": o["data"],
     }
     return model, dataset, tuple(modalities), settings
+
+
+def adapter_spec(o: dict[str, Any], modalities: Sequence[str] | None) -> AdapterSpec:
+    """The :class:`~mmdiag.specs.AdapterSpec` of resolved options (--modalities, --call, --encoder, ...)."""
+    from mmdiag.specs import AdapterSpec
+
+    return AdapterSpec(modalities=tuple(modalities) if modalities else None, call=o.get("call"),
+                       encoders=parse_pairs(o.get("encoder"), "--encoder"), head=o.get("head"), mask=o["mask"],
+                       mask_at=o.get("mask_at"))
+
+
+def analysis_spec(o: dict[str, Any], params: dict[str, Any], collect: Any, thresholds: Any) -> AnalysisSpec:
+    """The :class:`~mmdiag.specs.AnalysisSpec` of resolved options (--only, --skip, --bootstrap, --seed)
+    with the config's diagnostic parameters, collection settings and verdict thresholds."""
+    from mmdiag.specs import AnalysisSpec
+
+    return AnalysisSpec(only=split_list(o.get("only")), skip=split_list(o.get("skip")), params=params,
+                        bootstrap=int(o["bootstrap"]), seed=int(o["seed"]), collect=collect, thresholds=thresholds)
 
 
 def no_checkpoint_note(o: dict[str, Any]) -> str | None:
@@ -91,8 +122,11 @@ def analyze(
     max_subsets: int = typer.Option(256, "--max-subsets", help="Refuse more modality subsets (2^M) than this."),
     max_probe_samples: int = typer.Option(2000, "--max-probe-samples", help="Cap on samples whose features feed probes and prototypes."),
     probe_data: Optional[str] = typer.Option(None, "--probe-data", help="Separate data to train linear probes on."),
+    missing: Optional[str] = opt.MISSING,
+    ood_data: Optional[str] = typer.Option(None, "--ood-data", help="New data to score for distribution shift against --data (same formats; labels optional; is_ood or is_ood_<modality> flags give AUROCs): runs the ood diagnostic on all its rows."),
+    ood_quantile: Optional[float] = typer.Option(None, "--ood-quantile", help="Reference quantile of the ood threshold (default 0.95: 5% of in-distribution samples lie beyond it)."),
     per_sample: bool = typer.Option(False, "--per-sample", help="Also write per-sample scores to OUT/per_sample.csv."),
-    balance_of: Optional[str] = typer.Option(None, "--balance-of", help="Contribution measure behind 'balance': shapley, reliance, cal, mdi or attribution."),
+    balance_of: Optional[str] = typer.Option(None, "--balance-of", help=balance_of_help()),
     nan_policy: str = opt.NAN_POLICY,
     num_classes: Optional[int] = opt.NUM_CLASSES,
     save_evidence: bool = typer.Option(False, "--save-evidence", help="Also write the collected evidence to OUT/evidence.pt."),
@@ -102,9 +136,10 @@ def analyze(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the verdict line."),
     run_gate: bool = typer.Option(False, "--gate", help="After the analysis, check the rules of [gate] in the config (exit 1 when one fails)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Earlier report.json that 'baseline' in gate rules refers to."),
+    restore: Optional[Path] = typer.Option(None, "--restore", help="Folder holding restore.safetensors (from `rebalance --fix restore`): evaluate every modality combination with the missing modalities restored by that translator instead of masked."),
 ) -> None:
     """Diagnose modality imbalance of a trained multimodal classifier."""
-    from mmdiag.api import analyze as run_analyze
+    from mmdiag.api import analyze_with
     from mmdiag.render import write_outputs
 
     conf, source = cfg.find_config(config)
@@ -116,17 +151,23 @@ def analyze(
     params = cfg.diagnostic_params(conf, source)
     if o.get("balance_of"):
         params.setdefault("balance", {})["of"] = o["balance_of"]
+    params = cfg.with_deployment(params, cfg.deployment_params(conf, source, o.get("missing")))
+    if o.get("ood_quantile") is not None:
+        params.setdefault("ood", {})["quantile"] = float(o["ood_quantile"])
     thresholds = cfg.verdict_thresholds(conf, source)
     gate_options = None
     if o.get("run_gate"):  # check the rules before the (long) analysis
         from mmdiag.cli.gate_cmd import analysis_gate_options
 
         gate_options = analysis_gate_options(conf, source, o.get("baseline"))
+    elif ctx.params.get("baseline") is not None:  # the flag itself (a config may hold one for --gate)
+        raise ConfigError("--baseline names the report that 'baseline' in gate rules refers to, so it needs "
+                          "--gate; add --gate, or leave --baseline out.")
     out_dir = prepare_out_dir(Path(o["out"]), bool(o["overwrite"]))
     # under torchrun every process evaluates a shard; evidence is gathered, rank 0 writes
-    from mmdiag.distributed import init_from_env, is_main_process
+    from mmdiag.runtime import is_main_process, join
 
-    init_from_env(str(o["device"]))
+    join(str(o["device"]))
     the_model, dataset, mods, settings = load_inputs(o, conf)
     no_checkpoint = no_checkpoint_note(o)
     if no_checkpoint:
@@ -136,29 +177,37 @@ def analyze(
         from mmdiag.loading import load_dataset
 
         probe, _ = load_dataset(o["probe_data"], list(mods), nan_policy=o.get("nan_policy") or "error")
+    new_data = None
+    if o.get("ood_data"):  # read (and checked) before the long pass
+        from mmdiag.loading.ood import load_new_data
+
+        new_data = load_new_data(o["ood_data"], list(mods), nan_policy=o.get("nan_policy") or "error")
+    if o.get("restore") and not quiet:
+        console.print(f"restoring missing modalities with the translator in {escape(str(o['restore']))}: the "
+                      "combinations are evaluated with restored, not masked, modalities", highlight=False)
     with ProgressBar(not quiet) as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", MmdiagWarning)  # printed from report.notes below
-        report, ev = run_analyze(
-            the_model, dataset, modalities=mods, call=o.get("call"),
-            encoders=parse_pairs(o.get("encoder"), "--encoder"), head=o.get("head"), mask=o["mask"],
-            mask_at=o.get("mask_at"), only=split_list(o.get("only")), skip=split_list(o.get("skip")),
-            params=params, bootstrap=int(o["bootstrap"]), seed=int(o["seed"]), collect_settings=cs,
-            thresholds=thresholds, settings={**settings, "config": source}, progress=bar,
-            probe_data=probe, return_evidence=True,
+        report, ev = analyze_with(
+            the_model, dataset, adapter_spec(o, mods), analysis_spec(o, params, cs, thresholds),
+            settings={**settings, "config": source}, progress=bar, probe_data=probe, return_evidence=True,
+            restore=o.get("restore"), ood_data=new_data,
         )
     if not is_main_process():
         return
     if no_checkpoint:
         report.notes.insert(0, no_checkpoint)
-    print_warnings(report, err_console)
-    write_outputs(report, out_dir, per_sample=report.diagnostics if o.get("per_sample") else None)
-    if o.get("save_evidence"):
-        ev.save(out_dir / "evidence.pt")
+    if STATE["verbose"]:
+        print_details(report, err_console)
+    print_warnings(report, err_console, said=(no_checkpoint,))
+    with staged_folder(out_dir) as stage:  # an interrupted run leaves none or all of its outputs
+        write_outputs(report, stage, per_sample=report.diagnostics if o.get("per_sample") else None)
+        if o.get("save_evidence"):
+            ev.save(stage / "evidence.pt")
     if quiet:
         console.print(report.verdict.headline(), highlight=False)
     else:
-        print_summary(report, console)
-        console.print(f"[dim]wrote {out_dir / 'report.json'}, metrics.csv, report.html and plots/ in {out_dir}[/]")
+        print_summary(report, console, html_path=str(out_dir / "report.html"))
+        console.print(f"[dim]wrote report.json, metrics.csv, report.html and plots/ in {out_dir}[/]")
     if gate_options is not None:
         from mmdiag.cli.gate_cmd import run_gate
 

@@ -23,8 +23,9 @@ app = typer.Typer(
     name="mmdiag",
     help="Diagnose, fix and gate modality imbalance in multimodal classifiers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -36,11 +37,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: Optional[bool] = typer.Option(None, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print what was detected (call convention, encoders, pooling, checkpoint layout)."),
 ) -> None:
     """mmdiag: diagnose, fix and gate modality imbalance."""
     STATE["debug"] = debug
+    STATE["verbose"] = verbose
 
 
 app.command("analyze", help=ANALYZE_HELP)(analyze)

@@ -12,12 +12,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mmdiag.errors import ConfigError, MmdiagError, exception_message, raised_in_user_code, user_code_error
+from mmdiag.cli.flags import to_cli
+from mmdiag.errors import (ConfigError, MmdiagError, UserCodeError, exception_message, raised_in_user_code,
+                           user_code_error)
 
 console = Console()
 err_console = Console(stderr=True)
 
-STATE: dict[str, bool] = {"debug": False}
+STATE: dict[str, bool] = {"debug": False, "verbose": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,7 +27,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 def handle_errors(fn: F) -> F:
     """Turn every error into a one-paragraph message and exit code 2 (the traceback only with --debug).
 
-    mmdiag's own errors print their message. Any other exception is either raised in the user's
+    mmdiag's own errors print their message, with the settings it names written as flags
+    (:func:`~mmdiag.cli.flags.to_cli`). Any other exception is either raised in the user's
     code (a traceback frame outside mmdiag, installed packages and the standard library), reported
     as such with the file and line, or an internal error of mmdiag. Exit code 1 stays reserved for
     a failing gate rule; typer's own exits and usage errors pass through.
@@ -36,7 +39,8 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MmdiagError as exc:
-            _fail(exception_message(exc), exc.exit_code)
+            text = exception_message(exc)  # the user's own exception's words stay as they are
+            _fail(text if isinstance(exc, UserCodeError) else to_cli(text), exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None

@@ -36,7 +36,8 @@ def compare(
     from mmdiag.compare import compare as compare_reports
     from mmdiag.compare import compare_document, compare_frame
     from mmdiag.errors import ConfigError
-    from mmdiag.report import Report, write_atomic
+    from mmdiag.io import write_atomic
+    from mmdiag.report import Report
 
     ra, rb = Report.load(a), Report.load(b)
     rows = compare_reports(ra, rb)

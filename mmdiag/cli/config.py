@@ -2,7 +2,8 @@
 
 A config file holds the same settings as the flags (dashes or underscores), plus tables:
 ``[model_kwargs]`` (passed to the model factory), ``[data_kwargs]``, ``[params.<diagnostic>]``
-(diagnostic parameters), ``[thresholds]`` (verdict thresholds), ``[gate]`` (gate rules) and
+(diagnostic parameters), ``[thresholds]`` (verdict thresholds), ``[gate]`` (gate rules),
+``[deployment]`` (the test-time distribution of missing modalities: ``missing`` or ``combinations``) and
 ``[collect]`` (evidence sampling: the :class:`~mmdiag.collect.CollectSettings` fields that have no
 flag). An unknown key is an error that names the closest known key.
 """
@@ -10,6 +11,7 @@ flag). An unknown key is an error that names the closest known key.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -22,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TABLES = ("model_kwargs", "data_kwargs", "params", "thresholds", "gate", "rebalance", "collect")
+TABLES = ("model_kwargs", "data_kwargs", "params", "thresholds", "gate", "rebalance", "collect", "deployment")
 
 #: CollectSettings fields set by flags of their own, so not in [collect]
 FLAGGED_COLLECT = {"batch_size": "--batch-size", "num_workers": "--num-workers", "device": "--device",
@@ -61,6 +63,17 @@ def normalise_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def registry_choices(schema: Mapping[str, Spec]) -> dict[str, Spec]:
+    """``schema`` with the choices that the registry decides filled in: ``balance_of`` takes the
+    contribution measures balance can summarise (plug-ins included)."""
+    out = dict(schema)
+    if "balance_of" in out:
+        from mmdiag.diagnostics.balance import measures
+
+        out["balance_of"] = replace(out["balance_of"], choices=measures())
+    return out
+
+
 def resolve(ctx: Any, values: dict[str, Any], config: Mapping[str, Any], source: str | None,
             allowed: Iterable[str], schema: Mapping[str, Spec] = SETTINGS) -> dict[str, Any]:
     """Merge config values under the command's flags, and check each by type and range.
@@ -94,13 +107,13 @@ def resolve(ctx: Any, values: dict[str, Any], config: Mapping[str, Any], source:
             return f"{key} in {source or 'the config'}"
         return flags.get(key, "--" + key.replace("_", "-"))
 
-    return check_fields(merged, schema, name)
+    return check_fields(merged, registry_choices(schema), name)
 
 
 def check_flags(ctx: Any, values: dict[str, Any], schema: Mapping[str, Spec] = SETTINGS) -> dict[str, Any]:
     """Check values that come from flags (or a saved run) by type and range, naming the flags."""
     flags = {p.name: p.opts[0] for p in getattr(getattr(ctx, "command", None), "params", []) if p.opts}
-    return check_fields(values, schema, lambda key: flags.get(key, "--" + key.replace("_", "-")))
+    return check_fields(values, registry_choices(schema), lambda key: flags.get(key, "--" + key.replace("_", "-")))
 
 
 def table(config: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -161,3 +174,44 @@ def diagnostic_params(config: Mapping[str, Any], source: str | None = None) -> d
     except ConfigError as exc:
         raise ConfigError(f"[params] in {where}: {exc}") from None
     return params
+
+
+#: the keys of ``[deployment]``: one of the two forms of the distribution (mmdiag.deployment)
+DEPLOYMENT_KEYS = ("missing", "combinations")
+
+
+def deployment_params(config: Mapping[str, Any], source: str | None, missing: Any = None) -> dict[str, Any]:
+    """The ``deployment`` diagnostic's distribution parameters from ``--missing`` (or the top-level
+    ``missing`` key) and the ``[deployment]`` table, parsed and checked; ``{}`` when none is given.
+
+    The flag wins over the table; the config may set the distribution once (top-level ``missing``,
+    or ``[deployment]`` with ``missing`` or ``combinations``).
+    """
+    from mmdiag.deployment import distribution
+
+    where = source or "the config"
+    dep = table(config, "deployment")
+    unknown = [k for k in dep if k not in DEPLOYMENT_KEYS]
+    if unknown:
+        near = closest(unknown[0], list(DEPLOYMENT_KEYS))
+        hint = f" Did you mean {near!r}?" if near else ""
+        raise ConfigError(f"Unknown key {unknown[0]!r} in [deployment] of {where} (keys: missing, combinations).{hint}")
+    if "missing" in normalise_keys(config) and dep:
+        raise ConfigError(f"{where} sets the deployment distribution twice (top-level missing and [deployment]); "
+                          "keep one.")
+    try:
+        if missing is not None:
+            return distribution(missing=missing).params()
+        return distribution(dep.get("missing"), dep.get("combinations")).params()
+    except ConfigError as exc:
+        origin = "--missing" if missing is not None else f"[deployment] in {where}"
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def with_deployment(params: dict[str, dict[str, Any]], deployment: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``params`` with the deployment distribution (:func:`deployment_params`) replacing any that
+    ``[params.deployment]`` gave; unchanged when there is none."""
+    if not deployment:
+        return params
+    own = {k: v for k, v in params.get("deployment", {}).items() if k not in DEPLOYMENT_KEYS}
+    return {**params, "deployment": {**own, **deployment}}

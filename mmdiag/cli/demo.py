@@ -22,7 +22,7 @@ def demo(
     """Train a small audio-visual model on bundled AV-digits data and analyze it."""
     import torch
 
-    from mmdiag.demo import run_demo
+    from mmdiag.demo import next_commands, run_demo
 
     # the demo model is tiny: one thread avoids cross-thread stalls on small CPUs
     torch.set_num_threads(1)
@@ -32,5 +32,9 @@ def demo(
                   f"{'' if snr_db is None else f', audio at {snr_db:g} dB SNR'}), training {epochs} epochs on CPU...")
     with ProgressBar() as bar:
         report = run_demo(out_dir, snr_db=snr_db, epochs=epochs, seed=seed, progress=bar)
-    print_summary(report, console)
-    console.print(f"[dim]wrote report.json, metrics.csv, report.html and plots/ in {out_dir}[/]")
+    print_summary(report, console, html_path=str(out_dir / "report.html"))
+    console.print(f"[dim]wrote report.json, metrics.csv, report.html, plots/, model.pt, train.npz, val.npz and "
+                  f"mmdiag.toml in {out_dir}[/]")
+    console.print("then try:", highlight=False)
+    for command in next_commands(out_dir):
+        console.print(f"  {command}", highlight=False, soft_wrap=True)

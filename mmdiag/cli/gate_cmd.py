@@ -22,6 +22,7 @@ key), a ``baseline`` rule without a baseline report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -33,6 +34,7 @@ from rich.table import Table
 
 from mmdiag.cli import config as cfg
 from mmdiag.cli.common import console, err_console, handle_errors
+from mmdiag.cli.flags import to_cli
 from mmdiag.errors import ConfigError, GateError
 from mmdiag.registry import closest
 
@@ -41,7 +43,9 @@ HELP = """Check gate rules against a report.json; exit 0 (pass), 1 (a rule fails
 Rules look like "balance >= 0.6", "shapley.visual >= 0.15", "verdict.severity != strong" or
 "reliance.audio <= baseline + 0.05" (with --baseline OLD/report.json). Without --rule the rules
 come from [gate] in mmdiag.toml or [tool.mmdiag.gate] in pyproject.toml. With --bound ci (the
-default) a >= rule must hold for the low end of the 95% interval and a <= rule for its high end."""
+default) a >= rule must hold for the low end of the 95% interval and a <= rule for its high end.
+With --missing (or [deployment] in the config) the deployment keys are re-weighted to that
+distribution from the report's per-combination accuracies."""
 
 GATE_KEYS = ("rules", "rule", "bound", "baseline", "warn_only", "junit", "markdown")
 
@@ -135,14 +139,16 @@ def run_gate(report: Any, *, rules: list[Any], baseline: Path | None, bound: str
              report_path: str | None = None) -> int:
     """Evaluate, print (table or JSON), write JUnit/Markdown files; return the exit code."""
     from mmdiag.gate import evaluate, to_junit, to_markdown
-    from mmdiag.report import Report, write_atomic
+    from mmdiag.io import write_atomic
+    from mmdiag.report import Report
 
     if not rules:
         raise ConfigError("No gate rules: pass --rule \"balance >= 0.6\" (repeatable) or add rules = [...] to "
                           "[gate] in mmdiag.toml or [tool.mmdiag.gate] in pyproject.toml.")
     base = Report.load(baseline) if baseline is not None else None
     result = evaluate(report, rules, baseline=base, bound=bound, warn_only=warn_only)
-    result = type(result)(result.outcomes, bound=result.bound, report=report_path,
+    outcomes = [dataclasses.replace(o, message=to_cli(o.message)) for o in result.outcomes]  # flags, not settings
+    result = type(result)(outcomes, bound=result.bound, report=report_path,
                           baseline=None if baseline is None else str(baseline))
     if junit is not None:
         write_atomic(Path(junit), to_junit(result))
@@ -206,6 +212,7 @@ def gate(
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write a JUnit XML file (one testcase per rule)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcomes as JSON instead of a table."),
+    missing: Optional[str] = typer.Option(None, "--missing", help="Gate the deployment keys under these independent missing rates (MODALITY=RATE,...; or [deployment] in the config): the report's per-combination accuracies are re-weighted (point values; the analysis's own distribution keeps its intervals)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml)."),
 ) -> None:
     """Check gate rules against a report.json."""
@@ -215,11 +222,24 @@ def gate(
         raise ConfigError(f"--bound must be 'ci' or 'point'; found {bound!r}.")
     conf, source = cfg.find_config(config)
     o = resolve_gate(conf, source, rule, warn_rule, bound, baseline, warn_only, junit, markdown)
-    the_report = Report.load(report)
+    the_report = deployed(Report.load(report), cfg.deployment_params(conf, source, missing))
     code = run_gate(the_report, rules=o["rules"], baseline=o["baseline"], bound=o["bound"], warn_only=o["warn_only"],
                     junit=o["junit"], markdown=o["markdown"], as_json=as_json, report_path=str(report))
     if code:
         raise typer.Exit(code)
+
+
+def deployed(report: Any, deployment: Mapping[str, Any]) -> Any:
+    """``report`` with its ``deployment`` result re-weighted to the distribution of ``--missing`` or
+    ``[deployment]`` (unchanged when none is given, the report has no such result, or it already used it)."""
+    res = report.diagnostics.get("deployment")
+    if not deployment or res is None:
+        return report
+    from mmdiag.deployment import distribution
+    from mmdiag.diagnostics.deployment import reweighted
+
+    new = reweighted(res, report.modalities, distribution(deployment.get("missing"), deployment.get("combinations")))
+    return dataclasses.replace(report, diagnostics={**report.diagnostics, "deployment": new})
 
 
 def analysis_gate_options(conf: Mapping[str, Any], source: str | None, baseline: Any) -> dict[str, Any]:

@@ -23,3 +23,4 @@ DEVICE: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."
 NAN_POLICY: str = typer.Option("error", "--nan-policy", help="Samples with NaN/Inf inputs: error or skip.")
 NUM_CLASSES: Optional[int] = typer.Option(None, "--num-classes", help="Number of classes (default: from the labels).")
 CONFIG: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml).")
+MISSING: Optional[str] = typer.Option(None, "--missing", help="Test-time missing rate of each modality, independent: MODALITY=RATE,... e.g. rgb=0.3,depth=0.5 (or [deployment] missing/combinations in the config). The deployment diagnostic reports the expected accuracy under it (default: every non-empty combination equally likely).")

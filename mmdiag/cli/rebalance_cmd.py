@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -14,11 +15,16 @@ from rich.table import Table
 
 from mmdiag.cli import config as cfg
 from mmdiag.cli import options as opt
-from mmdiag.cli.analyze import SETTINGS as ANALYZE_SETTINGS
-from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, parse_pairs, split_list
-from mmdiag.errors import ConfigError
+from mmdiag.cli.analyze import SETTINGS as ANALYZE_SETTINGS, adapter_spec, analysis_spec
+from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, split_list
+from mmdiag.cli.flags import to_cli
+from mmdiag.errors import ConfigError, MmdiagWarning
+from mmdiag.io import write_atomic
 from mmdiag.registry import closest
 from mmdiag.validation import REBALANCE
+
+if TYPE_CHECKING:  # the specs import torch: only when the command runs
+    from mmdiag.specs import AnalysisSpec, TrainSpec
 
 HELP = """Retrain a multimodal classifier with the fix that matches its diagnosis, and compare.
 
@@ -33,7 +39,7 @@ SETTINGS = (
     "model", "checkpoint", "data", "val_data", "modalities", "call", "encoder", "head", "mask", "mask_at",
     "trust_checkpoint", "checkpoint_key", "strip_prefix", "fix", "fix_param", "epochs", "optimizer", "lr",
     "weight_decay", "momentum", "batch_size", "seed", "device", "init", "baseline", "grad_clip", "bootstrap",
-    "only", "skip", "format", "out", "overwrite", "nan_policy", "num_classes",
+    "only", "skip", "format", "out", "overwrite", "nan_policy", "num_classes", "missing",
 )
 #: Settings that define the training; a resumed run must not change them.
 TRAINING_KEYS = (
@@ -42,6 +48,8 @@ TRAINING_KEYS = (
     "batch_size", "seed", "init", "baseline", "grad_clip", "nan_policy", "num_classes",
 )
 _RUN_FILE = "run.json"
+#: The config tables a run keeps in run.json for --resume.
+_TABLES = ("fix_params", "model_kwargs", "data_kwargs", "params", "thresholds", "collect")
 
 
 class _TrainBar(ProgressBar):
@@ -226,6 +234,7 @@ def rebalance(
     strip_prefix: Optional[str] = opt.STRIP_PREFIX,
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the analyses' 95% intervals."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated diagnostics for the analyses."),
+    missing: Optional[str] = opt.MISSING,
     skip: Optional[str] = typer.Option(None, "--skip", help="Comma-separated diagnostics to leave out of the analyses."),
     format: Optional[str] = typer.Option(None, "--format", help="Report renderings of before/after/baseline: json,csv,html,png."),
     nan_policy: str = opt.NAN_POLICY,
@@ -236,33 +245,80 @@ def rebalance(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result line."),
 ) -> None:
     """Retrain with the fix the diagnosis calls for, and compare before / after / baseline."""
-    from mmdiag.loading import build_model, load_dataset
-    from mmdiag.rebalance import make_fix, rebalance as run_rebalance
-    from mmdiag.report import write_atomic
-    from mmdiag.train import OPTIMIZERS, Interrupted
+    from mmdiag.loading import build_model
+    from mmdiag.rebalance import rebalance as run_rebalance
+    from mmdiag.train import Interrupted
 
     if resume is not None:
-        o, tables = _resume_options(ctx, dict(ctx.params), resume)
-        fix_params = dict(tables.get("fix_params", {}))
-        model_kwargs, data_kwargs = tables.get("model_kwargs", {}), tables.get("data_kwargs", {})
-        analyze_params, threshold_table = tables.get("params", {}), tables.get("thresholds", {})
-        collect_table = tables.get("collect", {})
+        o, saved = _resume_options(ctx, dict(ctx.params), resume)
+        tables = {k: dict(saved.get(k) or {}) for k in _TABLES}
         out_dir = resume
     else:
-        conf, source = cfg.find_config(config)
-        o, fix_params = _merge_config(ctx, conf, source)
-        model_kwargs, data_kwargs = cfg.table(conf, "model_kwargs"), cfg.table(conf, "data_kwargs")
-        analyze_params = cfg.diagnostic_params(conf, source)
-        threshold_table = cfg.table(conf, "thresholds")
-        cfg.verdict_thresholds(conf, source)  # unknown keys and bad values fail before any work
-        collect_table = cfg.table(conf, "collect")
-        cfg.collect_settings(conf, source, device=str(o["device"]))
-        for item in o.get("fix_param") or []:
-            key, sep, value = str(item).partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--fix-param expects KEY=VALUE (e.g. alpha=0.8); found {item!r}.")
-            fix_params[key.strip()] = value.strip()
+        o, tables = _fresh_options(ctx, config)
         out_dir = Path(o["out"])
+    _check_options(o, tables["fix_params"])
+    main_rank = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun only rank 0 writes
+    if resume is None and main_rank:
+        _check_out(out_dir, bool(o.get("overwrite")))
+    spec, kwargs = o["model"], dict(tables["model_kwargs"])
+    build_model(spec, kwargs)  # a broken factory fails here, before any training
+    train_ds, val_ds, found = _load_data(o, tables["data_kwargs"])
+    if resume is None and main_rank:
+        options = {k: _normal(o.get(k)) for k in SETTINGS}
+        write_atomic(out_dir / _RUN_FILE, json.dumps({"options": options, "tables": tables}, indent=2,
+                                                     default=str) + "\n")
+    settings = {"model": spec, "checkpoint": None if not o.get("checkpoint") else str(o["checkpoint"]),
+                "data": o["data"], "val_data": o.get("val_data")}
+    quiet = bool(o.get("quiet", quiet))
+    try:
+        with _TrainBar(not quiet) as bar, warnings.catch_warnings():
+            warnings.simplefilter("ignore", MmdiagWarning)  # printed from the reports' notes below
+            result = run_rebalance(
+                lambda: build_model(spec, kwargs), train_ds, val_data=val_ds,
+                checkpoint=o.get("checkpoint"), trust_checkpoint=bool(o.get("trust_checkpoint")),
+                checkpoint_key=o.get("checkpoint_key"), strip_prefix=o.get("strip_prefix"),
+                fix=o["fix"], fix_params=tables["fix_params"], init=o["init"], baseline=bool(o["baseline"]),
+                train=train_spec(o), adapter=adapter_spec(o, found), analysis=_analysis_spec(o, tables),
+                out_dir=out_dir, resume=resume is not None, settings=settings,
+                progress=None if quiet or not main_rank else bar,
+                report_formats=o.get("format") or ("json", "csv", "html", "png"),
+            )
+    except Interrupted as exc:
+        err_console.print(f"[yellow]interrupted[/] at epoch {exc.epoch}, batch {exc.batch}; the state is saved. "
+                          f"Continue with: mmdiag rebalance --resume {out_dir}", highlight=False)
+        raise typer.Exit(130) from None
+    if main_rank and result.after is not None:  # under torchrun only rank 0 prints
+        _print_result(result, quiet, out_dir)
+
+
+def _fresh_options(ctx: typer.Context, config: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options, tables) of a new run from flags and config, every table checked before any work.
+
+    The tables are what ``run.json`` keeps for ``--resume``: ``fix_params``, ``model_kwargs``,
+    ``data_kwargs``, ``params`` (of the diagnostics), ``thresholds`` and ``collect``.
+    """
+    conf, source = cfg.find_config(config)
+    o, fix_params = _merge_config(ctx, conf, source)
+    tables = {"model_kwargs": cfg.table(conf, "model_kwargs"), "data_kwargs": cfg.table(conf, "data_kwargs"),
+              "params": cfg.diagnostic_params(conf, source), "thresholds": cfg.table(conf, "thresholds"),
+              "collect": cfg.table(conf, "collect")}
+    # the deployment distribution is a parameter of the analyses' deployment diagnostic (kept for --resume)
+    tables["params"] = cfg.with_deployment(tables["params"], cfg.deployment_params(conf, source, o.get("missing")))
+    cfg.verdict_thresholds(conf, source)  # unknown keys and bad values fail before any work
+    cfg.collect_settings(conf, source, device=str(o["device"]))
+    for item in o.get("fix_param") or []:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--fix-param expects KEY=VALUE (e.g. alpha=0.8); found {item!r}.")
+        fix_params[key.strip()] = value.strip()
+    return o, {"fix_params": fix_params, **tables}
+
+
+def _check_options(o: dict[str, Any], fix_params: dict[str, Any]) -> None:
+    """The options a run needs, and a named fix with its parameters, checked before anything runs."""
+    from mmdiag.rebalance import make_fix
+    from mmdiag.train import OPTIMIZERS
+
     if not o.get("model"):
         raise ConfigError("--model is required: a factory such as my_model.py:build or package.module:build.")
     if not o.get("data"):
@@ -277,66 +333,50 @@ def rebalance(
         raise ConfigError(f"--epochs must be at least 1; found {o['epochs']}.")
     if o["fix"] != "auto":
         make_fix(o["fix"], fix_params)  # unknown fix or parameter: exit 2 before anything runs
-    main_rank = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun only rank 0 writes
-    if resume is None and main_rank:
-        _check_out(out_dir, bool(o.get("overwrite")))
 
-    spec, kwargs = o["model"], dict(model_kwargs)
-    build_model(spec, kwargs)  # a broken factory fails here, before any training
-    mods = split_list(o.get("modalities"))
+
+def _load_data(o: dict[str, Any], data_kwargs: dict[str, Any]) -> tuple[Any, Any, tuple[str, ...]]:
+    """(training data, validation data or None, modalities)."""
+    from mmdiag.loading import load_dataset
+
     nan_policy = o.get("nan_policy") or "error"
-    train_ds, found = load_dataset(o["data"], mods, kwargs=dict(data_kwargs) or None, nan_policy=nan_policy,
-                                   num_classes=o.get("num_classes"))
+    kwargs = dict(data_kwargs) or None
+    train_ds, found = load_dataset(o["data"], split_list(o.get("modalities")), kwargs=kwargs,
+                                   nan_policy=nan_policy, num_classes=o.get("num_classes"))
     val_ds = None
     if o.get("val_data"):
-        val_ds, _ = load_dataset(o["val_data"], list(found), kwargs=dict(data_kwargs) or None, nan_policy=nan_policy,
+        val_ds, _ = load_dataset(o["val_data"], list(found), kwargs=kwargs, nan_policy=nan_policy,
                                  num_classes=o.get("num_classes"))
-    if resume is None and main_rank:
-        options = {k: _normal(o.get(k)) for k in SETTINGS}
-        write_atomic(out_dir / _RUN_FILE, json.dumps({
-            "options": options,
-            "tables": {"fix_params": fix_params, "model_kwargs": dict(model_kwargs), "data_kwargs": dict(data_kwargs),
-                       "params": analyze_params, "thresholds": dict(threshold_table),
-                       "collect": dict(collect_table)},
-        }, indent=2, default=str) + "\n")
+    return train_ds, val_ds, tuple(found)
 
-    thresholds = cfg.verdict_thresholds({"thresholds": threshold_table})
-    collect_settings = cfg.collect_settings({"collect": collect_table}, device=str(o["device"]))
-    formats = o.get("format") or ("json", "csv", "html", "png")
-    settings = {"model": spec, "checkpoint": None if not o.get("checkpoint") else str(o["checkpoint"]),
-                "data": o["data"], "val_data": o.get("val_data")}
-    quiet = bool(o.get("quiet", quiet))
-    try:
-        with _TrainBar(not quiet) as bar:
-            result = run_rebalance(
-                lambda: build_model(spec, kwargs), train_ds, val_data=val_ds,
-                checkpoint=o.get("checkpoint"), trust_checkpoint=bool(o.get("trust_checkpoint")),
-                checkpoint_key=o.get("checkpoint_key"), strip_prefix=o.get("strip_prefix"),
-                fix=o["fix"], fix_params=fix_params, init=o["init"], epochs=int(o["epochs"]),
-                optimizer=o["optimizer"], lr=float(o["lr"]), weight_decay=float(o["weight_decay"]),
-                momentum=float(o["momentum"]), batch_size=int(o["batch_size"]), seed=int(o["seed"]),
-                device=str(o["device"]), grad_clip=o.get("grad_clip"), baseline=bool(o["baseline"]),
-                out_dir=out_dir, resume=resume is not None, modalities=list(found), call=o.get("call"),
-                encoders=parse_pairs(o.get("encoder"), "--encoder"), head=o.get("head"), mask=o["mask"],
-                mask_at=o.get("mask_at"), bootstrap=int(o["bootstrap"]), only=split_list(o.get("only")),
-                skip=split_list(o.get("skip")), analyze_params=analyze_params, thresholds=thresholds,
-                collect_settings=collect_settings, settings=settings, progress=None if quiet or not main_rank else bar,
-                report_formats=formats,
-            )
-    except Interrupted as exc:
-        err_console.print(f"[yellow]interrupted[/] at epoch {exc.epoch}, batch {exc.batch}; the state is saved. "
-                          f"Continue with: mmdiag rebalance --resume {out_dir}", highlight=False)
-        raise typer.Exit(130) from None
-    if not main_rank or result.after is None:  # under torchrun only rank 0 prints
-        return
+
+def train_spec(o: dict[str, Any]) -> TrainSpec:
+    """The :class:`~mmdiag.specs.TrainSpec` of resolved options (--epochs, --optimizer, --lr, ...)."""
+    from mmdiag.specs import TrainSpec
+
+    return TrainSpec(epochs=int(o["epochs"]), optimizer=o["optimizer"], lr=float(o["lr"]),
+                     weight_decay=float(o["weight_decay"]), momentum=float(o["momentum"]),
+                     batch_size=int(o["batch_size"]), seed=int(o["seed"]), device=str(o["device"]),
+                     grad_clip=o.get("grad_clip"))
+
+
+def _analysis_spec(o: dict[str, Any], tables: dict[str, Any]) -> AnalysisSpec:
+    thresholds = cfg.verdict_thresholds({"thresholds": tables["thresholds"]})
+    collect = cfg.collect_settings({"collect": tables["collect"]}, device=str(o["device"]))
+    return analysis_spec(o, tables["params"], collect, thresholds)
+
+
+def _print_result(result: Any, quiet: bool, out_dir: Path) -> None:
+    """Notes, each report's warnings once, the fix choice, the comparison table and the result line."""
     for note in result.notes:
-        console.print(f"[dim]note: {escape(note)}[/]", highlight=False)
+        console.print(f"[dim]note: {escape(to_cli(note))}[/]", highlight=False)
     said: set[str] = set()
     for report in (result.before, result.baseline, result.after):
         for note in (report.notes if report is not None else []):
             if note not in said:  # each change of method once, on stderr
                 said.add(note)
-                err_console.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
+                err_console.print(f"[bold yellow]warning:[/] {escape(to_cli(note))}", highlight=False,
+                                  soft_wrap=True)
     choice = result.choice
     if choice.get("requested") == "auto":
         console.print(f"fix auto -> [bold]{result.fix}[/]: {choice.get('note')}", highlight=False)
@@ -345,8 +385,7 @@ def rebalance(
     if not quiet:
         console.print(comparison_table(result.comparison, result.fix, result.before is not None,
                                        result.baseline is not None))
-    line = _result_line(result)
-    console.print(line, highlight=False)
+    console.print(_result_line(result), highlight=False)
     if not quiet:
         console.print(f"[dim]wrote {out_dir / 'model.safetensors'}, {out_dir / 'history.csv'} and "
                       f"{out_dir / 'comparison.csv'}[/]")

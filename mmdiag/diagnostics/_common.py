@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from mmdiag.evidence import Evidence, mask_of
-from mmdiag.stats import bootstrap_mean_ci
+from mmdiag.stats import bootstrap_mean_ci, modality_intervals
 
 
 def subset_correct(ev: Evidence) -> np.ndarray:
@@ -37,8 +37,7 @@ def without(ev: Evidence, m: str) -> int:
 
 def per_modality_ci(ev: Evidence, columns: np.ndarray, n_boot: int, seed: int, level: float) -> dict[str, list[float]]:
     """Bootstrap interval of the mean of each column of ``columns`` [N, M], keyed by modality."""
-    ci = bootstrap_mean_ci(columns, n_boot, seed, level)
-    return {m: [float(ci[j, 0]), float(ci[j, 1])] for j, m in enumerate(ev.modalities)}
+    return modality_intervals(ev.modalities, bootstrap_mean_ci(columns, n_boot, seed, level))
 
 
 def per_class_accuracy(correct: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float | None]:

@@ -1,21 +1,20 @@
 """Private maths of the share-based diagnostics (gradient_conflict, attribution, balance).
 
 Everything here is vectorised over bootstrap draws: a statistic is computed from the column means
-of resampled evidence rows, so one draw costs a gather and a mean. Resampling indices come from
-:func:`mmdiag.stats.bootstrap_indices` (seeded), so intervals are deterministic for a seed.
+of resampled evidence rows (:func:`mmdiag.stats.bootstrap_weighted_mean_draws`, seeded), so one
+draw costs a gather and a mean, and its interval is :func:`mmdiag.stats.percentile_interval`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
-from mmdiag.stats import bootstrap_counts, counts_matmul, percentile_interval
+from mmdiag.report import interval
 
 
 # ---------------------------------------------------------------------------------------- shares
@@ -58,33 +57,7 @@ def min_max_ratio(shares: Sequence[float]) -> float:
     return float(q.min() / top) if top > 0 else 1.0
 
 
-# ---------------------------------------------------------------------------------------- bootstrap
-def mean_draws(x: np.ndarray, n_boot: int, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """[n_boot, K] (weighted) column means of ``x`` [n, K] over rows resampled with replacement.
-
-    ``weights`` may be [n] (one weight per row) or [n, K] (per entry; 0 drops an entry). Entries that
-    are not finite are dropped (weight 0). A draw whose weights sum to 0 for a column gives NaN
-    there. Returns an empty [0, K] array when ``n_boot`` <= 0 or there are no rows.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n, k = x.shape
-    if n_boot <= 0 or n == 0:
-        return np.empty((0, k))
-    w = np.ones((n, k)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.ndim == 1:
-        w = np.repeat(w[:, None], k, axis=1)
-    finite = np.isfinite(x)
-    w = np.where(finite, w, 0.0)
-    xz = np.where(finite, x, 0.0)
-    wx = w * xz
-    out = []
-    for counts in bootstrap_counts(n, n_boot, seed):
-        num, den = counts_matmul(counts, wx), counts_matmul(counts, w)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan))
-    return np.concatenate(out)
-
-
+# ---------------------------------------------------------------------------------------- means
 def weighted_mean(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """[K] (weighted) column means of ``x`` [n, K], ignoring non-finite entries (NaN if none left)."""
     x = np.asarray(x, dtype=np.float64)
@@ -98,24 +71,6 @@ def weighted_mean(x: np.ndarray, weights: np.ndarray | None = None) -> np.ndarra
     den = w.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-def interval(draws: np.ndarray, level: float) -> list[list[float]]:
-    """Percentile interval of each column of ``draws`` [n_boot, K]; [nan, nan] when there are none."""
-    draws = np.asarray(draws, dtype=np.float64)
-    if draws.ndim == 1:
-        draws = draws[:, None]
-    if draws.shape[0] == 0:
-        return [[float("nan"), float("nan")] for _ in range(draws.shape[1])]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column gives NaN bounds
-        ci = percentile_interval(draws, level)
-    return [[float(lo), float(hi)] for lo, hi in ci]
-
-
-def keyed(modalities: Sequence[str], bounds: list[list[float]]) -> dict[str, list[float]]:
-    """Interval list -> modality-keyed dict."""
-    return {m: b for m, b in zip(modalities, bounds)}
 
 
 # ---------------------------------------------------------------------------------------- attribution
@@ -166,12 +121,5 @@ def contradictions(values: Mapping[str, Mapping[str, float]], order: Sequence[st
 
 def separated(ci: Mapping[str, Sequence[float | None]] | None, hi: str, lo: str) -> bool:
     """Whether the interval of ``hi`` lies wholly above that of ``lo`` (False when unknown)."""
-    if not ci:
-        return False
-    a, b = ci.get(hi), ci.get(lo)
-    if not a or not b or a[0] is None or b[1] is None:
-        return False
-    low, high = float(a[0]), float(b[1])
-    if math.isnan(low) or math.isnan(high):
-        return False
-    return low > high
+    a, b = interval((ci or {}).get(hi)), interval((ci or {}).get(lo))
+    return a is not None and b is not None and a[0] > b[1]

@@ -10,9 +10,6 @@ import numpy as np
 from mmdiag.diagnostics._shares import (
     attribution_shares,
     contradictions,
-    interval,
-    keyed,
-    mean_draws,
     positive_share_rows,
     ranking,
     separated,
@@ -21,6 +18,7 @@ from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
+from mmdiag.stats import bootstrap_weighted_mean_draws, modality_intervals, percentile_interval
 
 #: pooled relative convergence delta above which the report says IG did not converge well.
 DELTA_WARN = 0.05
@@ -41,15 +39,6 @@ class Attribution(Diagnostic):
     (samples whose total mass is 0 are left out); per_modality is the mean share
     A_m = mean_i a_{m,i}, which sums to 1 over modalities. Headline: the spread max_m A_m - min_m A_m
     (0 = attribution spread evenly, 1 = one modality gets all of it).
-
-    How to read it: A_m is how much of the model's first-order sensitivity along the path from
-    "nothing present" to the real input lies on modality m. Gradient-based scores and the
-    masking-based ``shapley``/``reliance`` answer different questions and disagree when modalities
-    interact (one only matters given the other); ``details.rankings`` puts the three orderings side
-    by side and says when they differ. Convergence: IG satisfies sum of signed attributions =
-    f(x) - f(baseline) up to captum's convergence delta; details give the delta, relative to the
-    true-class logit gap when the evidence defines the baseline's logits (input-level zero or mean
-    masking), else relative to the total attribution mass.
 
     Scale: absolute mass grows with the number of input elements and with input noise (many small
     attributions of either sign each add to |IG|), so a modality with many elements or a noisy one
@@ -80,6 +69,21 @@ class Attribution(Diagnostic):
     needs = frozenset({"attribution"})
     uses = COMPARED
     higher_is_better = True
+    contribution = True
+    shareable = True
+    headline = "spread"
+    scale = "share of the absolute Integrated-Gradients attribution (sums to 1)"
+    higher_means = "more of the model's input sensitivity lies on the modality"
+    how_to_read = (
+        "A_m is how much of the model's first-order sensitivity along the path from \"nothing present\" "
+        "to the real input lies on modality m. Gradient-based scores and the masking-based "
+        "``shapley``/``reliance`` answer different questions and disagree when modalities interact "
+        "(one only matters given the other); ``details.rankings`` puts the three orderings side by "
+        "side and says when they differ. Convergence: IG satisfies sum of signed attributions = f(x) - "
+        "f(baseline) up to captum's convergence delta; details give the delta, relative to the "
+        "true-class logit gap when the evidence defines the baseline's logits (input-level zero or "
+        "mean masking), else relative to the total attribution mass."
+    )
 
     share: str = "absolute"
 
@@ -97,11 +101,11 @@ class Attribution(Diagnostic):
             )
         mods = ev.modalities
         abs_means = shares.mean(axis=0)
-        abs_draws = mean_draws(shares, self.bootstrap, self.seed)
+        abs_draws = bootstrap_weighted_mean_draws(shares, self.bootstrap, self.seed)
         signed = None if ev.attribution_signed is None else ev.attribution_signed.detach().double().cpu().numpy()
         if signed is not None:
             signed_means = positive_share_rows(signed.mean(axis=0))
-            signed_draws = positive_share_rows(mean_draws(signed, self.bootstrap, self.seed))
+            signed_draws = positive_share_rows(bootstrap_weighted_mean_draws(signed, self.bootstrap, self.seed))
         elif self.share == "signed":
             raise EvidenceError("attribution: share='signed' needs the signed attribution sums, which this "
                                 "evidence lacks (collected by an older mmdiag?); collect it again.")
@@ -110,8 +114,8 @@ class Attribution(Diagnostic):
         else:
             means, draws = abs_means, abs_draws
         values = {m: float(means[j]) for j, m in enumerate(mods)}
-        ci = keyed(mods, interval(draws, self.level))
-        value_ci = interval(draws.max(axis=1) - draws.min(axis=1), self.level)[0]
+        ci = modality_intervals(mods, percentile_interval(draws, self.level))
+        value_ci = percentile_interval(draws.max(axis=1) - draws.min(axis=1), self.level).tolist()
 
         details: dict[str, Any] = {
             "share": self.share,
@@ -120,11 +124,11 @@ class Attribution(Diagnostic):
             "share_std": {m: float(shares[:, j].std()) for j, m in enumerate(mods)},
             "mean_mass": {m: float(v) for m, v in zip(mods, ev.attribution.double().abs().mean(0).tolist())},  # type: ignore[union-attr]
             "absolute_share": {m: float(abs_means[j]) for j, m in enumerate(mods)},
-            "absolute_share_ci": keyed(mods, interval(abs_draws, self.level)),
+            "absolute_share_ci": modality_intervals(mods, percentile_interval(abs_draws, self.level)),
         }
         if signed is not None:
             details["signed_share"] = {m: float(signed_means[j]) for j, m in enumerate(mods)}
-            details["signed_share_ci"] = keyed(mods, interval(signed_draws, self.level))
+            details["signed_share_ci"] = modality_intervals(mods, percentile_interval(signed_draws, self.level))
             details["mean_signed"] = {m: float(v) for m, v in zip(mods, signed.mean(axis=0).tolist())}
             if not (signed.mean(axis=0) > 0).any():
                 details["signed_note"] = (

@@ -8,13 +8,12 @@ from typing import Mapping
 import numpy as np
 
 from mmdiag.diagnostics._common import only, shapley_per_sample, spread, subset_logprob
-from mmdiag.diagnostics._resample import bootstrap_mean_draws, ci_dict, interval
 from mmdiag.diagnostics._shares import positive_share_rows, sum_share_rows
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import ConfigError
 from mmdiag.evidence import Evidence, subset_name
 from mmdiag.report import Result
-from mmdiag.stats import shapley_matrix
+from mmdiag.stats import bootstrap_mean_draws, modality_intervals, percentile_interval, shapley_matrix
 
 
 def softmax_rows(x: np.ndarray) -> np.ndarray:
@@ -47,12 +46,6 @@ class CAL(Diagnostic):
     - W^m = softmax_m(tau * [lam * Ih(m) + (1 - lam) * Dh(m)]), lam = 0.5, tau = 4.
     - Headline: the spread max_m W^m - min_m W^m (0 = every modality contributes alike).
 
-    How to read it: W^m is the weight CAL's fix would use to accelerate modality m's gradients by
-    (1 + W^m) and to compress the others harder. Equal weights 1/M mean no modality stands out;
-    with tau = 4 and M = 2 the largest possible spread is tanh(2) = 0.96 (one modality holds all of
-    Ih and Dh). Because W is a softmax of shares, it is compressed: a spread of 0.3 already means
-    one modality holds clearly more of both the Shapley log-likelihood gain and the confidence.
-
     Works for any M >= 2 (exact Shapley over 2^M subsets; the softmax runs over all M). Intervals:
     every quantity is a function of column means of per-sample evidence (the 2^M subset
     log-probabilities and the M unimodal true-class probabilities), so rows are resampled
@@ -67,6 +60,18 @@ class CAL(Diagnostic):
     summary = "CAL contribution weight W^m = softmax(tau * (lam * Shapley share + (1 - lam) * confidence share))"
     needs = frozenset({"subsets"})
     higher_is_better = True
+    contribution = True
+    shareable = True
+    headline = "spread"
+    scale = "contribution weight W^m (a softmax: sums to 1)"
+    higher_means = "the modality holds more of the Shapley log-likelihood gain and of the confidence"
+    how_to_read = (
+        "W^m is the weight CAL's fix would use to accelerate modality m's gradients by (1 + W^m) and "
+        "to compress the others harder. Equal weights 1/M mean no modality stands out; with tau = 4 "
+        "and M = 2 the largest possible spread is tanh(2) = 0.96 (one modality holds all of Ih and "
+        "Dh). Because W is a softmax of shares, it is compressed: a spread of 0.3 already means one "
+        "modality holds clearly more of both the Shapley log-likelihood gain and the confidence."
+    )
 
     lam: float = 0.5
     tau: float = 4.0
@@ -102,9 +107,9 @@ class CAL(Diagnostic):
             draws = bootstrap_mean_draws(cols, self.bootstrap, self.seed)
             n_sub = logp.shape[0]
             _, _, _, w_draws = self._chain(draws[:, :n_sub], draws[:, n_sub:], a)
-            per_mod_ci = ci_dict(mods, interval(w_draws, self.level))
+            per_mod_ci = modality_intervals(mods, percentile_interval(w_draws, self.level, finite=True))
             spreads = w_draws.max(axis=1) - w_draws.min(axis=1)
-            value_ci = [float(x) for x in interval(spreads, self.level)[0]]
+            value_ci = percentile_interval(spreads, self.level, finite=True).tolist()
 
         per_sample_phi = shapley_per_sample(ev, logp)  # [N, M], mean = I
         return self.result(

@@ -23,9 +23,6 @@ class Combinations(Diagnostic):
     Headline: A of the weakest combination, min over non-empty S of A(S) (MMANet's "hard
     combination"). Per modality: A(all but m), the accuracy when m is missing.
 
-    How to read it: a combination whose accuracy collapses towards chance is one the model cannot
-    serve if that sensor fails at test time; ``modality_dropout`` retraining targets it.
-
     Cost: 2^M - 1 fusion-head calls per sample with cached features. Source: MMANet (weak
     combination), DMRNet, missing-modality evaluation protocols.
     """
@@ -34,6 +31,16 @@ class Combinations(Diagnostic):
     summary = "accuracy for every non-empty subset of modalities; headline = weakest combination"
     needs = frozenset({"subsets"})
     higher_is_better = True
+    headline = "weakest"
+    cells = "without"
+    scale = "accuracy"
+    higher_means = "the model copes better with the modality missing (the accuracy of all the others)"
+    how_to_read = (
+        "A combination whose accuracy collapses towards chance is one the model cannot serve if that "
+        "sensor fails at test time; ``modality_dropout`` retraining targets it."
+    )
+    figures = ("modality_bars", "combination_heatmap")
+    argues_for = ("collapsed_combination",)
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         correct = subset_correct(ev)

@@ -15,6 +15,7 @@ from mmdiag.errors import ConfigError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
 from mmdiag.stats import bootstrap_mean_ci
+from mmdiag.validation import Spec
 
 #: floor of 1 - C in the combination (C -> 1 only for overwhelming, fully contradicting evidence).
 _CONFLICT_FLOOR = 1e-12
@@ -94,11 +95,6 @@ class Evidential(Diagnostic):
     RL-MBA's paper text was not available, so the difficulty and driver definitions are mmdiag's.
     Any M >= 2: one opinion per modality, combined by the fold.
 
-    How to read it: the modality with the highest U_m is the one the model is least certain about
-    when it has only that modality; if it also drives most samples' difficulty, it is the
-    bottleneck for hard samples. A large mean conflict means the modalities' readouts often
-    disagree confidently.
-
     Cost: none beyond the M m-only readouts in ``subsets`` (M head calls per sample with cached
     features). Source: TMC (Han et al., ICLR 2021), repository hanmenghan/TMC,
     ``TMC ICLR/model.py`` (DS_Combin); RL-MBA (Zeng et al., CVPR 2026, arXiv 2603.25107),
@@ -110,9 +106,20 @@ class Evidential(Diagnostic):
     needs = frozenset({"subsets"})
     higher_is_better = False
     default = True
+    headline = "fused u"
+    scale = "Dirichlet uncertainty u = K/S in (0, 1]"
+    higher_means = "the modality's readout alone carries less evidence (the model is less certain)"
+    how_to_read = (
+        "The modality with the highest U_m is the one the model is least certain about when it has "
+        "only that modality; if it also drives most samples' difficulty, it is the bottleneck for hard "
+        "samples. A large mean conflict means the modalities' readouts often disagree confidently."
+    )
 
     evidence_fn: str = "softplus"
     exp_clamp: float = 10.0
+
+    limits = {"evidence_fn": Spec("choice", choices=("softplus", "exp")),
+              "exp_clamp": Spec("float", minimum=0.0, above=True)}
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         ev.require("subsets")

@@ -7,11 +7,12 @@ from typing import Mapping
 
 import numpy as np
 
-from mmdiag.diagnostics._shares import interval, keyed, mean_draws, weighted_mean
+from mmdiag.diagnostics._shares import weighted_mean
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
+from mmdiag.stats import bootstrap_weighted_mean_draws, modality_intervals, percentile_interval
 
 #: at most this many per-batch cosines per modality are copied into the report.
 MAX_LISTED_BATCHES = 200
@@ -29,12 +30,6 @@ class GradientConflict(Diagnostic):
     C_m = sum_b n_b c_{b,m} / sum_b n_b. Headline: min_m C_m; negative means some encoder is pulled
     in conflicting directions by the multimodal and the unimodal objective.
 
-    How to read it: C_m near 1 means training the fused model also trains encoder m as a unimodal
-    learner would; C_m <= 0 means the fused loss pushes encoder m away from what would make m good
-    on its own (MMPareto's conflict), typically on the under-used modality. Details: the fraction of
-    batches with a negative cosine, the per-batch cosines, and each encoder's share of the fused
-    gradient norm (a small share means the fused loss barely trains that encoder).
-
     Intervals: bootstrap over batches (weighted by batch size); with fewer than two batches no
     interval is given. Read it on a checkpoint from training: on a converged model the fused
     gradients are mostly noise and the per-batch cosines spread whatever the balance (measured on
@@ -48,6 +43,17 @@ class GradientConflict(Diagnostic):
     summary = "cosine of fused and unimodal loss gradients on each encoder (negative = conflict, MMPareto)"
     needs = frozenset({"param_grads"})
     higher_is_better = True
+    headline = "lowest cos"
+    scale = "cosine of the fused and unimodal loss gradients, in [-1, 1]"
+    higher_means = "the fused loss trains the encoder the way the modality's own loss would"
+    how_to_read = (
+        "C_m near 1 means training the fused model also trains encoder m as a unimodal learner would; "
+        "C_m <= 0 means the fused loss pushes encoder m away from what would make m good on its own "
+        "(MMPareto's conflict), typically on the under-used modality. Details: the fraction of batches "
+        "with a negative cosine, the per-batch cosines, and each encoder's share of the fused gradient "
+        "norm (a small share means the fused loss barely trains that encoder)."
+    )
+    argues_for = ("gradient_conflict",)
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         ev.require("param_grads")
@@ -79,11 +85,11 @@ class GradientConflict(Diagnostic):
         headline = float(means.min())
 
         if n_batches >= 2:
-            draws = mean_draws(cos, self.bootstrap, self.seed, sizes)
+            draws = bootstrap_weighted_mean_draws(cos, self.bootstrap, self.seed, sizes)
         else:
             draws = np.empty((0, m_count))
-        ci = keyed(ev.modalities, interval(draws, self.level))
-        value_ci = interval(draws.min(axis=1), self.level)[0]
+        ci = modality_intervals(ev.modalities, percentile_interval(draws, self.level))
+        value_ci = percentile_interval(draws.min(axis=1), self.level).tolist()
 
         negative = {
             m: float((cos[finite[:, j], j] < 0).mean()) for j, m in enumerate(ev.modalities)

@@ -8,17 +8,12 @@ from typing import Mapping
 
 import numpy as np
 
-from mmdiag.diagnostics._resample import (
-    bootstrap_mean_draws,
-    ci_dict,
-    interval,
-    resample_rows,
-)
 from mmdiag.diagnostics._shares import sum_share_rows
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
+from mmdiag.stats import bootstrap_mean_draws, bootstrap_rows, modality_intervals, percentile_interval
 
 #: shares are floored at this value inside the log ratio, so a modality that contributes nothing
 #: gives a large finite headline (about 13.8) instead of an infinite one.
@@ -139,15 +134,6 @@ class MDI(Diagnostic):
     - ``dominance_flag``: |headline| > log(threshold) (threshold 1.5, so |MDI| > 0.405).
       ``dominant`` is the modality with the largest MDI when flagged, else None.
 
-    How to read it: MDI_m is modality m's share of "dominance"; 1/M each is balanced. A flagged
-    headline means one modality's index is more than ``threshold`` times another's. The details
-    show which factor drives it: the gradient share (how much of the fused head's first-order
-    true-class margin flows through m) or the entropy share (how spread out m's feature spectrum is).
-    The two can disagree: a dominant modality whose features collapse onto a few class directions
-    has a large gradient share but a *low* spectral entropy, which pulls its MDI back toward 1/M.
-    ``param_grad_share`` (the share of each encoder's parameter-gradient norm, MDACL's alternative
-    gradient measure) is shown when that evidence was collected.
-
     Intervals: the gradient part is bootstrapped over the rows of the gradient subsample
     (``bootstrap`` resamples), the entropy part over the rows of the feature subsample (resampled
     independently). ``entropy_interval="linear"`` (default): every one of the ``bootstrap``
@@ -174,6 +160,22 @@ class MDI(Diagnostic):
     summary = "Modality Dominance Index: gradient share x feature-entropy share (log ratio; 0 = balanced)"
     needs = frozenset({"features", "grad_x_act"})
     higher_is_better = None
+    contribution = True
+    shareable = True
+    headline = "log-ratio"
+    scale = "share of the Modality Dominance Index (sums to 1)"
+    higher_means = "the modality carries more of the fused head's gradient and has the richer feature spectrum"
+    how_to_read = (
+        "MDI_m is modality m's share of \"dominance\"; 1/M each is balanced. A flagged headline means "
+        "one modality's index is more than ``threshold`` times another's. The details show which "
+        "factor drives it: the gradient share (how much of the fused head's first-order true-class "
+        "margin flows through m) or the entropy share (how spread out m's feature spectrum is). The "
+        "two can disagree: a dominant modality whose features collapse onto a few class directions has "
+        "a large gradient share but a *low* spectral entropy, which pulls its MDI back toward 1/M. "
+        "``param_grad_share`` (the share of each encoder's parameter-gradient norm, MDACL's "
+        "alternative gradient measure) is shown when that evidence was collected."
+    )
+    argues_for = ("feature_dominance",)
 
     lam: float = 0.5
     threshold: float = 1.5
@@ -247,13 +249,13 @@ class MDI(Diagnostic):
                 h_draws = sum_share_rows(np.clip(entropy + shift, 0.0, 1.0))
             elif n_h > 0:
                 h_draws = np.array([[spectral_entropy(f[row]) for f in feats]
-                                    for row in resample_rows(n_f, n_h, self.seed)])
+                                    for row in bootstrap_rows(n_f, n_h, self.seed)])
                 h_draws = sum_share_rows(h_draws)[np.arange(self.bootstrap) % n_h]
             else:
                 h_draws = np.broadcast_to(h_share, g_draws.shape)
             mdi_draws = combine(g_draws, h_draws, self.lam)
-            per_mod_ci = ci_dict(mods, interval(mdi_draws, self.level))
-            value_ci = [float(v) for v in interval(log_ratio(mdi_draws), self.level)[0]]
+            per_mod_ci = modality_intervals(mods, percentile_interval(mdi_draws, self.level, finite=True))
+            value_ci = percentile_interval(log_ratio(mdi_draws), self.level, finite=True).tolist()
 
         details: dict = {
             "entropy": {m: float(entropy[j]) for j, m in enumerate(mods)},

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 
 from mmdiag.diagnostics._common import only
-from mmdiag.diagnostics._resample import ci_dict, interval
-from mmdiag.stats import bootstrap_indices
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
+from mmdiag.stats import bootstrap_indices, modality_intervals, percentile_interval
 
 #: the smallest score a ratio divides by (keeps ratios finite when a readout gives probability 0).
 SCORE_FLOOR = 1e-12
@@ -72,10 +71,6 @@ class OGM(Diagnostic):
     CREMA-D used 0.8); ``dataset_ratio`` = the same ratio with one batch holding every row;
     ``confidence`` = mean true-class probability of each readout.
 
-    How to read it: a headline near 1 means no modality's readout is systematically more
-    confident; OGM-GE would then barely modulate. A modality with mean ratio well above 1 and
-    frac_above_one near 1 dominates the fused head's confidence and is the one OGM-GE slows down.
-
     Intervals: rows are resampled with replacement ``bootstrap`` times and the resampled rows,
     in their drawn order, are cut into batches again; the ratio statistics are recomputed per
     draw (no model calls).
@@ -89,6 +84,15 @@ class OGM(Diagnostic):
     summary = "OGM-GE discrepancy ratio: per-batch true-class confidence over the least confident readout (1 = balanced)"
     needs = frozenset({"subsets"})
     higher_is_better = None
+    contribution = True
+    headline = "max ratio"
+    scale = "confidence ratio to the least confident modality's readout (>= 1)"
+    higher_means = "the modality's readout is more confident on the true class than the others'"
+    how_to_read = (
+        "A headline near 1 means no modality's readout is systematically more confident; OGM-GE would "
+        "then barely modulate. A modality with mean ratio well above 1 and frac_above_one near 1 "
+        "dominates the fused head's confidence and is the one OGM-GE slows down."
+    )
 
     batch_size: int = 64
     alpha: float = 0.1
@@ -144,8 +148,8 @@ class OGM(Diagnostic):
         value_ci = None
         if self.bootstrap > 0:
             draws = self._mean_ratio_draws(conf)
-            per_mod_ci = ci_dict(mods, interval(draws, self.level))
-            value_ci = [float(x) for x in interval(draws.max(axis=1), self.level)[0]]
+            per_mod_ci = modality_intervals(mods, percentile_interval(draws, self.level, finite=True))
+            value_ci = percentile_interval(draws.max(axis=1), self.level, finite=True).tolist()
 
         n_batches = -(-ev.n_samples // int(self.batch_size))
         return self.result(

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from mmdiag.diagnostics._common import spread
-from mmdiag.diagnostics._resample import bootstrap_mean_draws, ci_dict, interval
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
+from mmdiag.stats import bootstrap_mean_draws, modality_intervals, percentile_interval
 
 
 def _std(x: np.ndarray) -> np.ndarray:
@@ -41,12 +41,6 @@ class Perceptual(Diagnostic):
     ``loss_std``, the sample standard deviation (ddof 1) of the score over the K permutations (the
     paper stresses averaging over several); ``per_permutation`` the K scores.
 
-    How to read it: PS_m near 0 means the prediction does not change when m is scrambled, so the
-    model ignores m (or m carries nothing the others lack). PS_m close to A - chance means the model
-    cannot do without m. Unlike masking (``reliance``), permutation keeps m's marginal
-    distribution, so the model never sees out-of-distribution zeros. Because the permuted rows come
-    from the same evaluation batch, small batches inflate ``std``.
-
     Intervals: bootstrap over rows of d_{m,i} (the K permutations stay fixed); the headline's
     interval recomputes the spread from the same draws.
 
@@ -59,6 +53,19 @@ class Perceptual(Diagnostic):
     summary = "perceptual score: fused accuracy lost when one modality is permuted across samples"
     needs = frozenset({"permutations"})
     higher_is_better = True
+    contribution = True
+    shareable = True
+    headline = "spread"
+    scale = "accuracy lost when the modality is permuted"
+    higher_means = "the prediction depends more on the modality"
+    how_to_read = (
+        "PS_m near 0 means the prediction does not change when m is scrambled, so the model ignores m "
+        "(or m carries nothing the others lack). PS_m close to A - chance means the model cannot do "
+        "without m. Unlike masking (``reliance``), permutation keeps m's marginal distribution, so the "
+        "model never sees out-of-distribution zeros. Because the permuted rows come from the same "
+        "evaluation batch, small batches inflate ``std``."
+    )
+    figures = ("modality_bars", "permutation_spread")
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         ev.require("permutations")
@@ -82,8 +89,8 @@ class Perceptual(Diagnostic):
         value_ci = None
         if self.bootstrap > 0:
             draws = bootstrap_mean_draws(diff, self.bootstrap, self.seed)
-            per_mod_ci = ci_dict(mods, interval(draws, self.level))
-            value_ci = [float(x) for x in interval(draws.max(axis=1) - draws.min(axis=1), self.level)[0]]
+            per_mod_ci = modality_intervals(mods, percentile_interval(draws, self.level, finite=True))
+            value_ci = percentile_interval(draws.max(axis=1) - draws.min(axis=1), self.level, finite=True).tolist()
 
         details: dict = {
             "accuracy": acc,

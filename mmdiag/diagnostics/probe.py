@@ -14,6 +14,7 @@ from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
 from mmdiag.stats import bootstrap_ci, bootstrap_mean_ci
+from mmdiag.validation import Spec
 
 
 @register_diagnostic
@@ -36,10 +37,6 @@ class Probe(Diagnostic):
     predicting the training majority class on the held-out rows), and the split source
     (``probe_data`` or ``split``) per modality.
 
-    How to read it: compare P_m with ``unimodal`` accuracy A_m. P_m high but A_m low: the encoder
-    learned modality m but the fusion ignores it. P_m near chance: the encoder never learned m (or
-    m is uninformative). Any M >= 2: one probe per modality, nothing pairs modalities.
-
     Cost: no model forwards beyond the pooled features of the feature subsample (capped by
     ``--max-probe-samples``, default 2000 rows); one small convex fit per modality
     (n x d_m x C, milliseconds to a second). Source: OGM-GE's linear-probe analysis and
@@ -51,10 +48,25 @@ class Probe(Diagnostic):
     needs = frozenset({"features"})
     higher_is_better = True
     default = True
+    headline = "spread"
+    scale = "accuracy"
+    higher_means = "the modality's encoder features hold more label information"
+    how_to_read = (
+        "Compare P_m with ``unimodal`` accuracy A_m. P_m high but A_m low: the encoder learned "
+        "modality m but the fusion ignores it. P_m near chance: the encoder never learned m (or m is "
+        "uninformative). Any M >= 2: one probe per modality, nothing pairs modalities."
+    )
+    argues_for = ("unlearned_encoder", "ignored_features")
 
     weight_decay: float = 1e-3
     test_fraction: float = 0.3
     max_iter: int = 200
+
+    limits = {
+        "weight_decay": Spec("float", minimum=0.0),
+        "test_fraction": Spec("float", minimum=0.0, maximum=0.9, above=True, hint="share of rows held out"),
+        "max_iter": Spec("int", minimum=1),
+    }
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         ev.require("features")
@@ -72,7 +84,7 @@ class Probe(Diagnostic):
         if test_rows.shape[0] == 0 or train_labels.shape[0] == 0:
             raise EvidenceError(
                 f"probe needs feature rows to train and test on; found {ev.feature_rows.numel()} feature "
-                "rows. Raise --max-probe-samples."
+                "rows. Raise `max_feature_samples`."
             )
         majority_class = int(np.bincount(train_labels, minlength=ev.n_classes).argmax())
 

@@ -15,6 +15,7 @@ from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
 from mmdiag.stats import bootstrap_mean_draws, percentile_interval
+from mmdiag.validation import Spec
 
 
 def class_prototypes(x: np.ndarray, y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +72,6 @@ class Prototype(Diagnostic):
       is the AUROC of s_m for telling OOD rows from in-distribution ones among the evaluated rows
       (rank form, ties counted one half); otherwise details["ood"] = "no ood flags".
 
-    How to read it: a modality with a much lower Q_m (rho of the others >> 1) has features that
-    separate the classes poorly around prototypes: PMR's prototypical cross-entropy would be added
-    for it. A high OOD AUROC for m means m's features notice distribution shift.
-
     Cost: no forwards beyond the feature subsample (capped by ``--max-probe-samples``, default
     2000 rows); distances n x K x d per modality. Source: PMR (Fan et al., CVPR 2023), repository
     fanyunfeng-bit/Modal-Imbalance-PMR, ``main_Prototype_grad.py`` (calculate_prototype,
@@ -87,8 +84,18 @@ class Prototype(Diagnostic):
     needs = frozenset({"features"})
     higher_is_better = True
     default = True
+    headline = "max ratio"
+    scale = "confidence: mean softmax over the distances to the class prototypes"
+    higher_means = "the modality's features cluster more tightly around their class prototypes"
+    how_to_read = (
+        "A modality with a much lower Q_m (rho of the others >> 1) has features that separate the "
+        "classes poorly around prototypes: PMR's prototypical cross-entropy would be added for it. A "
+        "high OOD AUROC for m means m's features notice distribution shift."
+    )
 
     proto_fraction: float = 0.5
+
+    limits = {"proto_fraction": Spec("float", minimum=0.0, maximum=0.9, above=True, hint="share of rows for prototypes")}
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         ev.require("features")
@@ -112,7 +119,7 @@ class Prototype(Diagnostic):
         if eval_rows.shape[0] == 0 or (~eval_ood).sum() == 0 or build_labels.shape[0] == 0:
             raise EvidenceError(
                 f"prototype needs in-distribution feature rows to build prototypes and to score; found "
-                f"{ev.feature_rows.numel()} feature rows. Raise --max-probe-samples."
+                f"{ev.feature_rows.numel()} feature rows. Raise `max_feature_samples`."
             )
 
         q_cols, s_cols = [], []

@@ -25,9 +25,6 @@ class Reliance(Diagnostic):
     dep_m = sum_k mean_i |z_{m,i,k}| (mean absolute logit magnitude of the m-only readout, methods.md
     section 12) with its shares dep_m / sum_k dep_k.
 
-    How to read it: R_m near 0 for a modality means the model works as well without it; a large
-    R_m for one modality and small ones for the rest is the signature of dominance.
-
     Cost: M fusion-head calls per sample with cached features. Source: UDML (dependency bias via
     modality dropout), DMRNet and MMANet (missing-modality evaluation).
     """
@@ -36,6 +33,16 @@ class Reliance(Diagnostic):
     summary = "accuracy drop when one modality alone is masked (modality-dropout reliance)"
     needs = frozenset({"subsets"})
     higher_is_better = None
+    contribution = True
+    shareable = True
+    headline = "spread"
+    scale = "accuracy lost when the modality alone is masked"
+    higher_means = "the model needs the modality more"
+    how_to_read = (
+        "R_m near 0 for a modality means the model works as well without it; a large R_m for one "
+        "modality and small ones for the rest is the signature of dominance."
+    )
+    argues_for = ("gradient_imbalance",)
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         correct = subset_correct(ev)

@@ -26,10 +26,6 @@ class Shapley(Diagnostic):
     correctness, phi_m is the mean of per-sample Shapley values, whose bootstrap gives the interval.
     Headline: the spread max_m phi_m - min_m phi_m.
 
-    How to read it: phi_m is the accuracy modality m adds on average over every order in which the
-    modalities could be added. Unlike ``reliance`` it credits redundancy fairly: two modalities that
-    each suffice alone share the credit.
-
     Cost: 2^M - 1 fusion-head calls per sample with cached features (2^M - 1 full forwards when
     masking inputs); M > 8 is refused unless ``max_subsets`` allows it. Source: BalanceMM
     ``Calculate_Shapley``; AGM's mono-modal responses use the same split.
@@ -39,6 +35,17 @@ class Shapley(Diagnostic):
     summary = "exact Shapley value of each modality for accuracy (sums to v(all) - v(none))"
     needs = frozenset({"subsets"})
     higher_is_better = True
+    contribution = True
+    shareable = True
+    headline = "spread"
+    scale = "accuracy added (Shapley value)"
+    higher_means = "the modality adds more accuracy, averaged over the orders of adding modalities"
+    how_to_read = (
+        "phi_m is the accuracy modality m adds on average over every order in which the modalities "
+        "could be added. Unlike ``reliance`` it credits redundancy fairly: two modalities that each "
+        "suffice alone share the credit."
+    )
+    argues_for = ("gradient_imbalance",)
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         a = shapley_matrix(ev.n_modalities)

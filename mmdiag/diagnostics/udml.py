@@ -9,13 +9,14 @@ from typing import Mapping
 import numpy as np
 
 from mmdiag.diagnostics._common import only
-from mmdiag.diagnostics._probes import (Standardiser, as_array, fit_noise_regressor, predict_noise, row_split,
+from mmdiag.diagnostics._probes import (Standardiser, as_array, fit_noise_regressors, predict_noise, row_split,
                                         spearman)
 from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
 from mmdiag.stats import bootstrap_ci, bootstrap_mean_ci
+from mmdiag.validation import Spec
 
 #: Spearman value reported when it is undefined (constant predictions or features): no detectable
 #: monotone relation between noise and the estimate.
@@ -75,13 +76,6 @@ class Udml(Diagnostic):
     noisy). For any M >= 2 the estimator is per modality; only the weights couple modalities
     (through the means over k).
 
-    How to read it: a low Spearman means noise in m barely shows in m's features, so its predicted
-    level says little and UDML's weights are not trustworthy for it (the verdict reads
-    ``details["spearman"]``). With a well-calibrated estimator, a large sigma_m on clean data means
-    the encoder's features of m sit where the noisy copies sit: m looks unreliable. w_m is the
-    weight UDML's fix would give m: a modality that is both certain and under-used (small dep_m)
-    is boosted.
-
     Cost: the evidence costs L x M encoder forwards on the noise subsample (L levels, default 11,
     ``max_noise_samples`` rows); the diagnostic itself fits M small MLPs (well under a second per
     modality on 1000 x 11 rows of tens of dimensions). Source: UDML (Wei et al., CVPR 2026
@@ -94,11 +88,30 @@ class Udml(Diagnostic):
     needs = frozenset({"noise_features", "subsets"})
     higher_is_better = False
     default = True
+    headline = "spread"
+    scale = "noise level predicted from the clean features"
+    higher_means = "the modality's clean features sit where noisy copies sit (less reliable)"
+    how_to_read = (
+        "A low Spearman means noise in m barely shows in m's features, so its predicted level says "
+        "little and UDML's weights are not trustworthy for it (the verdict reads "
+        "``details[\"spearman\"]``). With a well-calibrated estimator, a large sigma_m on clean data "
+        "means the encoder's features of m sit where the noisy copies sit: m looks unreliable. w_m is "
+        "the weight UDML's fix would give m: a modality that is both certain and under-used (small "
+        "dep_m) is boosted."
+    )
+    figures = ("modality_bars", "noise_calibration")
+    argues_for = ("noisy_modality",)
 
     hidden: int = 32
     steps: int = 300
     lr: float = 1e-2
     test_fraction: float = 0.3
+
+    limits = {
+        "hidden": Spec("int", minimum=1), "steps": Spec("int", minimum=1),
+        "lr": Spec("float", minimum=0.0, above=True),
+        "test_fraction": Spec("float", minimum=0.0, maximum=0.9, above=True, hint="share of rows held out"),
+    }
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         ev.require("noise_features", "subsets")
@@ -113,17 +126,22 @@ class Udml(Diagnostic):
             )
         train, test = row_split(n_rows, self.test_fraction, self.seed)
 
+        y_train = np.repeat(levels, train.shape[0])
+        x_train, x_test = [], []
+        for m in ev.modalities:
+            feats = as_array(ev.noise_features[m])  # [L, n_u, d]
+            scale = Standardiser.fit(feats[:, train].reshape(-1, feats.shape[-1]))
+            x_train.append(scale(feats[:, train].reshape(-1, feats.shape[-1])))
+            x_test.append(scale(feats[:, test].reshape(-1, feats.shape[-1])))
+        # one regressor per modality, seeded seed + j, trained side by side (independent fits)
+        models = fit_noise_regressors(x_train, y_train, self.hidden, self.steps, self.lr,
+                                      [self.seed + j for j in range(len(ev.modalities))])
         clean_pred: list[np.ndarray] = []
         rho: dict[str, float] = {}
         undefined: list[str] = []
         calibration: dict[str, list[dict[str, float]]] = {}
-        for j, m in enumerate(ev.modalities):
-            feats = as_array(ev.noise_features[m])  # [L, n_u, d]
-            x_train = feats[:, train].reshape(-1, feats.shape[-1])
-            y_train = np.repeat(levels, train.shape[0])
-            scale = Standardiser.fit(x_train)
-            model = fit_noise_regressor(scale(x_train), y_train, self.hidden, self.steps, self.lr, self.seed + j)
-            pred = predict_noise(model, scale(feats[:, test].reshape(-1, feats.shape[-1]))).reshape(n_levels, -1)
+        for m, model, x in zip(ev.modalities, models, x_test):
+            pred = predict_noise(model, x).reshape(n_levels, -1)
             clean_pred.append(pred[clean])
             r = spearman(pred.reshape(-1), np.repeat(levels, test.shape[0]))
             if math.isnan(r):

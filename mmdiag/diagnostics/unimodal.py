@@ -23,9 +23,6 @@ class Unimodal(Diagnostic):
     adapter masks). Headline: the spread max_m A_m - min_m A_m (0 = every modality alone is equally
     good). Details: per-class accuracy of each modality and the fused accuracy.
 
-    How to read it: a modality whose A_m sits near chance while the fused accuracy is high is
-    ignored by the model *or* uninformative; compare ``probe`` to tell which.
-
     Cost: M extra fusion-head calls per sample with cached features (M full forwards when masking
     inputs). Source: OGM-GE, PMR, BalanceMM's ``limit_modality`` evaluation.
     """
@@ -34,6 +31,15 @@ class Unimodal(Diagnostic):
     summary = "accuracy with only one modality present (others masked)"
     needs = frozenset({"subsets"})
     higher_is_better = True
+    headline = "spread"
+    scale = "accuracy"
+    higher_means = "the model does better from the modality alone"
+    how_to_read = (
+        "A modality whose A_m sits near chance while the fused accuracy is high is ignored by the "
+        "model *or* uninformative; compare ``probe`` to tell which."
+    )
+    figures = ("modality_bars", "per_class_heatmap")
+    argues_for = ("unlearned_encoder", "ignored_features", "gradient_imbalance")
 
     def compute(self, ev: Evidence, prior: Mapping[str, Result] | None = None) -> Result:
         correct = subset_correct(ev)

@@ -57,7 +57,7 @@ def require_encoders(ctx: FixContext, fix_name: str) -> None:
     if not ctx.adapter.has_encoders:
         raise ConfigError(
             f"The fix {fix_name!r} works on each modality's encoder output, but no encoder is known for "
-            "this model. Name them with --encoder MODALITY=MODULE, or choose a fix that needs no encoders "
+            "this model. Name them with `encoders={MODALITY: MODULE}`, or choose a fix that needs no encoders "
             "(see `mmdiag list fixes`)."
         )
 

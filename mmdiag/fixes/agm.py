@@ -92,6 +92,7 @@ class AGM(Fix):
     name: ClassVar[str] = "agm"
     summary: ClassVar[str] = "rescales each modality's Shapley response gradient by exp(alpha*(r_bar - r))"
     matches: ClassVar[str] = "Shapley mono-modal responses imbalanced relative to their own history (AGM)"
+    targets: ClassVar[tuple[str, ...]] = ("gradient_imbalance",)
     needs_encoders: ClassVar[bool] = False
     scales_gradients: ClassVar[bool] = True
 

@@ -80,6 +80,7 @@ class ARL(Fix):
     name: ClassVar[str] = "arl"
     summary: ClassVar[str] = "scale encoder gradients by (1 + ω) toward inverse-variance dependence; unimodal CEs"
     matches: ClassVar[str] = "dependence not inversely proportional to prediction variance (ARL entropy vs dependence)"
+    targets: ClassVar[tuple[str, ...]] = ("ignored_features",)
 
     gamma: float = 4.0
     temperature: float = 8.0

@@ -39,9 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmdiag.adapter import ModelAdapter
-from mmdiag.registry import Registry
+from mmdiag.registry import Registry, check_plugin_class
+from mmdiag.runtime.distributed import all_reduce_sum
 
-FIXES: Registry[type["Fix"]] = Registry("fix")
+#: built-in fixes, then those of installed plug-ins (entry-point group ``mmdiag.fixes``)
+FIXES: Registry[type["Fix"]] = Registry("fix", group="mmdiag.fixes", check=lambda obj: check_plugin_class(obj, Fix))
 
 
 def register_fix(cls: type["Fix"]) -> type["Fix"]:
@@ -63,6 +65,11 @@ class FixContext:
         steps_per_epoch: batches per epoch, when known.
         world_size: number of processes (DistributedDataParallel), 1 otherwise.
         rank: this process's rank in a distributed run (0 otherwise).
+        train_data: the training dataset (map-style, dict items), for fixes that evaluate the model
+            on rows of it; set by the reference loop (a user's own loop may set it, or leave None).
+        held_out: rows of ``train_data`` reserved by :meth:`hold_out`; the training loop leaves them
+            out of its batches (the reference loop does; a user's own loop that sets ``train_data``
+            must skip them too).
     """
 
     adapter: ModelAdapter
@@ -74,10 +81,32 @@ class FixContext:
     steps_per_epoch: int | None = None
     world_size: int = 1
     rank: int = 0
+    train_data: Any = None
+    held_out: tuple[int, ...] = ()
 
     @property
     def modalities(self) -> tuple[str, ...]:
         return self.adapter.modalities
+
+    def hold_out(self, fraction: float, seed: int = 0) -> tuple[int, ...]:
+        """Reserve a ``fraction`` of the training rows for the fix's own evaluation (call it in ``setup``).
+
+        The rows are drawn with a generator seeded by ``seed`` alone, so every rank and every resumed
+        run reserves the same ones; at least one row is reserved and at least one left for training.
+        The loop does not train on them. Returns them sorted (indices into ``train_data``); () without
+        ``train_data`` or with ``fraction`` 0.
+        """
+        if self.train_data is None or fraction <= 0:
+            self.held_out = ()
+            return ()
+        n = len(self.train_data)
+        k = min(n - 1, max(1, round(fraction * n)))
+        if k <= 0:
+            self.held_out = ()
+            return ()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+        self.held_out = tuple(sorted(order[:k].tolist()))
+        return self.held_out
 
     def all_reduce_sum(self, value: Tensor) -> Tensor:
         """``value`` summed over the processes of a distributed run (a new tensor; the input is
@@ -87,15 +116,7 @@ class FixContext:
         that every rank takes the same decision and the replicas stay identical. Every rank must
         make the same calls in the same order.
         """
-        out = value.detach().clone()
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                out = out.to(self.device)
-                dist.all_reduce(out, op=dist.ReduceOp.SUM)
-                out = out.to(value.device)
-        return out
+        return all_reduce_sum(value, self.world_size, self.device)
 
     def encoder_parameters(self, m: str) -> list[nn.Parameter]:
         """Trainable parameters of modality ``m``'s encoder."""
@@ -153,6 +174,9 @@ class Fix(ABC):
     summary: ClassVar[str]
     #: the diagnosis this fix answers (methods.md §19), one line.
     matches: ClassVar[str] = ""
+    #: problems this fix treats (names of ``mmdiag.verdict.PROBLEMS``): the verdict recommends a
+    #: registered fix whose targets name the problem it found (docs/verdict.md).
+    targets: ClassVar[tuple[str, ...]] = ()
     #: whether the fix needs each modality's encoder (gradient and feature fixes do).
     needs_encoders: ClassVar[bool] = True
     #: whether the fix acts by rescaling gradients, which Adam-type optimizers largely normalise away.

@@ -169,6 +169,7 @@ class CAL(Fix):
     summary: ClassVar[str] = ("accelerate high-contribution encoders by (1 + W^m) plus a contribution-aware "
                               "bottleneck (proposed form)")
     matches: ClassVar[str] = "high-contribution modality under-exploited and low-contribution modality noisy (CAL W^m)"
+    targets: ClassVar[tuple[str, ...]] = ("unlearned_encoder",)
 
     tau: float = 4.0
     lam: float = 0.5

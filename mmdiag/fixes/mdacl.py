@@ -168,6 +168,7 @@ class MDACL(Fix):
     summary: ClassVar[str] = ("MDI-gated guided alignment of weak modalities + adversarial modality equilibrium "
                               "(proposed form)")
     matches: ClassVar[str] = "optimisation dominated by one sensor, e.g. RGB vs IR (MDI)"
+    targets: ClassVar[tuple[str, ...]] = ("feature_dominance",)
 
     lam: float = 0.5
     threshold: float = math.log(1.5)

@@ -131,6 +131,7 @@ class MMPareto(Fix):
     summary: ClassVar[str] = ("MGDA-combine fused and unimodal encoder gradients when they conflict, keep "
                               "magnitude, ×γ")
     matches: ClassVar[str] = "multimodal and unimodal gradients conflict on an encoder (negative cosine)"
+    targets: ClassVar[tuple[str, ...]] = ("gradient_conflict",)
 
     gamma: float = 1.5
     _cos: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)

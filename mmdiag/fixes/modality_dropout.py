@@ -12,19 +12,11 @@ from torch import Tensor
 
 from mmdiag.errors import ConfigError
 from mmdiag.evidence import nonempty_subsets
+from mmdiag.fixes._combinations import mix, mixed_features
 from mmdiag.fixes._common import check_range
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
 HARD_MODES = ("dropped", "all")
-
-
-def _mix(value: Tensor, baseline: Tensor, keep: Tensor) -> Tensor:
-    """Per-sample choice between ``value`` (keep) and ``baseline`` (dropped); gradients reach
-    ``value`` for every sample (zero where dropped), so every encoder stays in the graph."""
-    k = keep.to(value.device).view(-1, *([1] * (value.dim() - 1)))
-    if not value.is_floating_point():
-        return torch.where(k, value, baseline)
-    return value * k.to(value.dtype) + baseline * (~k).to(value.dtype)
 
 
 @register_fix
@@ -66,6 +58,7 @@ class ModalityDropout(Fix):
     name: ClassVar[str] = "modality_dropout"
     summary: ClassVar[str] = "random modality-combination dropout + extra CE on the weakest combination"
     matches: ClassVar[str] = "accuracy collapses for some modality combination (per-combination accuracy)"
+    targets: ClassVar[tuple[str, ...]] = ("collapsed_combination",)
     needs_encoders: ClassVar[bool] = False
 
     beta: float = 0.2
@@ -108,11 +101,9 @@ class ModalityDropout(Fix):
         adapter = ctx.adapter
         mods = ctx.modalities
         if step.features is not None:
-            base = adapter.masked_features(step.features, [])
-            mixed = {m: _mix_nested(step.features[m], base[m], keep[:, j]) for j, m in enumerate(mods)}
-            return adapter.head_forward(step.inputs, mixed)
+            return adapter.head_forward(step.inputs, mixed_features(adapter, step.features, keep))
         base_in = adapter.masked_inputs(step.inputs, [])
-        mixed_in = {m: _mix(step.inputs[m], base_in[m], keep[:, j]) for j, m in enumerate(mods)}
+        mixed_in = {m: mix(step.inputs[m], base_in[m], keep[:, j]) for j, m in enumerate(mods)}
         return adapter.call_model(mixed_in)
 
     # ------------------------------------------------------------------ hooks
@@ -195,15 +186,3 @@ class ModalityDropout(Fix):
         self._seen = [float(v) for v in state.get("seen", [])]
         self._names = [str(v) for v in state.get("names", [])]
 
-
-def _mix_nested(value: Any, baseline: Any, keep: Tensor) -> Any:
-    """:func:`_mix` over the tensors of a (possibly nested) encoder output."""
-    if isinstance(value, Tensor):
-        return _mix(value, baseline, keep)
-    if isinstance(value, tuple):
-        return tuple(_mix_nested(v, b, keep) for v, b in zip(value, baseline))
-    if isinstance(value, list):
-        return [_mix_nested(v, b, keep) for v, b in zip(value, baseline)]
-    if isinstance(value, dict):
-        return {k: _mix_nested(v, baseline[k], keep) for k, v in value.items()}
-    return value

@@ -79,6 +79,7 @@ class OGMGE(Fix):
     name: ClassVar[str] = "ogm_ge"
     summary: ClassVar[str] = "scales the dominant encoder's gradients by 1 - tanh(alpha*rho) and adds gradient noise"
     matches: ClassVar[str] = "one modality dominates the fused head's confidence (OGM ratio rho >> 1)"
+    targets: ClassVar[tuple[str, ...]] = ("gradient_imbalance",)
     needs_encoders: ClassVar[bool] = True
     scales_gradients: ClassVar[bool] = True
 

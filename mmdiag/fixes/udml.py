@@ -108,6 +108,7 @@ class UDML(Fix):
                               "with unimodal CEs")
     matches: ClassVar[str] = ("noise-dependent uncertainty plus a hard-to-learn modality penalised twice "
                               "(UDML σ̂ + dep)")
+    targets: ClassVar[tuple[str, ...]] = ("noisy_modality",)
 
     gamma: float = 4.0
     noise_levels: int = 11

@@ -7,11 +7,9 @@ looking inside a pickle without running it is :mod:`mmdiag.loading.pickles`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from mmdiag.errors import ConfigError, LoadError
+from mmdiag.io import write_atomic_with
 from mmdiag.loading.folders import folder_plan, merge_shards
 from mmdiag.loading.layouts import SHOW, differences, match_keys, mismatch_error, unwrap
 from mmdiag.loading.pickles import (
@@ -33,7 +32,7 @@ from mmdiag.loading.pickles import (
 
 #: The advice that ends every refusal to unpickle an untrusted checkpoint.
 TRUST_HINT = (
-    "Pass --trust-checkpoint only if the file comes from a source you trust; otherwise re-save it "
+    "Pass `trust=True` only if the file comes from a source you trust; otherwise re-save it "
     "as a plain state dict (torch.save(model.state_dict(), path)) or as .safetensors."
 )
 
@@ -260,15 +259,15 @@ def load_checkpoint(
         raise LoadError(
             f"Checkpoint {path} does not exist (looked in {path.resolve()}). Expected a file "
             f"written by torch.save or safetensors, or a folder written by save_pretrained; check "
-            f"the path given to --checkpoint."
+            f"the path given as `checkpoint`."
         )
     files: tuple[str, ...] = (str(path),)
     if path.is_dir() or path.name.endswith(".index.json"):
         if key is not None:
             raise ConfigError(
-                f"--checkpoint-key {key} names an entry of a checkpoint file, but {path} is a "
+                f"`key={key!r}` names an entry of a checkpoint file, but {path} is a "
                 f"folder of weight files (or their index), which hold bare state dicts. Drop "
-                f"--checkpoint-key."
+                f"`key`."
             )
         state, fmt, layout, files = _read_folder(path, trust)
         wrapper = None
@@ -290,7 +289,7 @@ def load_checkpoint(
     except Exception as e:
         raise LoadError(
             f"Checkpoint {path} matched the model's keys and shapes but loading it failed with "
-            f"{type(e).__name__}: {_first_line(str(e))}. Check that --model builds the same "
+            f"{type(e).__name__}: {_first_line(str(e))}. Check that `model` builds the same "
             f"architecture (and its keyword arguments) as the one that was trained."
         ) from e
     return CheckpointInfo(
@@ -340,25 +339,20 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path) -> None
             f"Cannot save a state dict to {path}: the folder {folder} does not exist. Create it "
             f"first or choose another output path."
         )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
 
+        def write(tmp: Path) -> None:
             save_file(_for_safetensors(state), str(tmp), metadata={"format": "pt"})
-        else:
+    else:
+        def write(tmp: Path) -> None:
             torch.save({k: v.detach() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise LoadError(
-                f"Cannot save a state dict to {path}: {type(e).__name__}: {e}. Check that the "
-                f"folder is writable and the disk is not full."
-            ) from e
-        raise
+    try:
+        write_atomic_with(path, write)
+    except OSError as e:
+        raise LoadError(
+            f"Cannot save a state dict to {path}: {type(e).__name__}: {e}. Check that the "
+            f"folder is writable and the disk is not full."
+        ) from e
 
 

@@ -349,13 +349,13 @@ def dataset_from_arrays(
         if nan_policy == "error":
             raise EvidenceError(
                 f"{source} has NaN or Inf values in its inputs ({per}, out of {n}); expected "
-                f"finite numbers. Clean the data, or use --nan-policy skip to drop those samples."
+                f"finite numbers. Clean the data, or use `nan_policy='skip'` to drop those samples."
             )
         keep = ~np.logical_or.reduce(list(bad_rows.values()))
         dropped = int(n - keep.sum())
         if not keep.any():
             raise EvidenceError(
-                f"{source} has NaN or Inf in every sample ({per}); with --nan-policy skip nothing "
+                f"{source} has NaN or Inf in every sample ({per}); with `nan_policy='skip'` nothing "
                 f"is left. Clean the data before running mmdiag."
             )
         mods = {m: a[keep] for m, a in mods.items()}
@@ -568,7 +568,7 @@ class DictDataset(Dataset):
             self.dropped = len(dataset) - len(keep)
             if not keep:
                 raise EvidenceError(
-                    f"{source} has NaN or Inf in every sample; with --nan-policy skip nothing is "
+                    f"{source} has NaN or Inf in every sample; with `nan_policy='skip'` nothing is "
                     f"left. Clean the data before running mmdiag."
                 )
             self._index = keep
@@ -606,7 +606,7 @@ class DictDataset(Dataset):
         if bad is not None:
             raise EvidenceError(
                 f"Sample {j} of {self.source} has NaN or Inf in input {bad!r}; expected finite "
-                f"numbers. Clean the data, or use --nan-policy skip to drop those samples."
+                f"numbers. Clean the data, or use `nan_policy='skip'` to drop those samples."
             )
         return item
 
@@ -664,8 +664,8 @@ def _from_factory(
         if nan_policy == "skip":
             raise ConfigError(
                 f"{name} returned a DataLoader, from which mmdiag cannot drop samples, but "
-                f"--nan-policy skip was asked for. Return the Dataset instead (mmdiag batches it), "
-                f"or clean the data and use --nan-policy error."
+                f"`nan_policy='skip'` was asked for. Return the Dataset instead (mmdiag batches it), "
+                f"or clean the data and use `nan_policy='error'`."
             )
         try:
             first = next(iter(obj))
@@ -739,7 +739,7 @@ def load_dataset(
         if not path.is_file():
             raise LoadError(
                 f"Data file {path} {'is a folder' if path.is_dir() else 'does not exist'} (looked "
-                f"in {path.resolve()}). Expected a {suffix} file; check the path given to --data."
+                f"in {path.resolve()}). Expected a {suffix} file; check the path given as `data`."
             )
         if kwargs:
             raise ConfigError(
@@ -761,5 +761,5 @@ def load_dataset(
         )
     raise LoadError(
         f"Data {spec!r} was not found: expected a .npz or .pt file, or a dataset factory like "
-        f"'data.py:make_dataset' (with a colon). Check the path given to --data."
+        f"'data.py:make_dataset' (with a colon). Check the path given as `data`."
     )

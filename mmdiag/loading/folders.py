@@ -37,8 +37,8 @@ def folder_plan(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
     shown = ", ".join(held[:12]) + (", ..." if len(held) > 12 else "") if held else "nothing"
     weights = [h for h in held if h.endswith((".pt", ".pth", ".ckpt", ".bin", ".safetensors"))]
     hint = (
-        f" It holds {', '.join(weights[:3])}: point --checkpoint at one of those files."
-        if weights else " Point --checkpoint at the weights file itself."
+        f" It holds {', '.join(weights[:3])}: point `checkpoint` at one of those files."
+        if weights else " Point `checkpoint` at the weights file itself."
     )
     raise LoadError(
         f"Checkpoint folder {path} holds no weights mmdiag recognises: expected "

@@ -37,7 +37,7 @@ LIGHTNING_MARKERS: tuple[str, ...] = (
 SHOW = 5  # how many keys of each kind a message lists
 FLAGS_HINT = (
     "If the weights sit under another entry of the checkpoint or another prefix, name them with "
-    "--checkpoint-key KEY or --strip-prefix PREFIX."
+    "`key=KEY` or `strip_prefix=PREFIX`."
 )
 
 
@@ -81,8 +81,8 @@ def lookup(obj: Any, key: str, path: Path) -> Any:
         else:
             where = f"under {'.'.join(walked)!r}" if walked else "at the top level"
             raise LoadError(
-                f"Checkpoint {path} has no entry {key!r} (--checkpoint-key): expected {part!r} "
-                f"{where}, found {describe(here)}. Pass one of those keys to --checkpoint-key (a "
+                f"Checkpoint {path} has no entry {key!r} (`key`): expected {part!r} "
+                f"{where}, found {describe(here)}. Pass one of those keys as `key` (a "
                 f"dotted path such as model.state_dict reaches into nested dicts)."
             )
         walked.append(part)
@@ -105,8 +105,8 @@ def unwrap(obj: Any, path: Path, fmt: str, key: str | None = None) -> tuple[dict
         if is_tensor_map(obj):
             raise LoadError(
                 f"Checkpoint {path} is a bare state dict (its keys are parameter names such as "
-                f"{list_keys(list(obj))}), so there is no entry {key!r} to read: --checkpoint-key "
-                f"names the entry of a dict that wraps the state dict. Drop --checkpoint-key."
+                f"{list_keys(list(obj))}), so there is no entry {key!r} to read: `key` "
+                f"names the entry of a dict that wraps the state dict. Drop `key`."
             )
         inner = lookup(obj, key, path)
         if isinstance(inner, nn.Module):
@@ -114,7 +114,7 @@ def unwrap(obj: Any, path: Path, fmt: str, key: str | None = None) -> tuple[dict
         if is_tensor_map(inner):
             return dict(inner), fmt, key, layout
         raise LoadError(
-            f"Checkpoint {path}: the entry {key!r} (--checkpoint-key) holds {describe(inner)}; "
+            f"Checkpoint {path}: the entry {key!r} (`key`) holds {describe(inner)}; "
             f"expected a state dict (parameter names mapped to tensors) or an nn.Module. Pass "
             f"the key of the entry that holds the weights."
         )
@@ -136,13 +136,13 @@ def unwrap(obj: Any, path: Path, fmt: str, key: str | None = None) -> tuple[dict
             raise LoadError(
                 f"Checkpoint {path} holds several state dicts, under {', '.join(map(repr, found))}; "
                 f"expected one, or one under {', '.join(map(repr, WRAPPER_KEYS))}. Name the one "
-                f"to load with --checkpoint-key (for example --checkpoint-key {found[0]})."
+                f"to load with `key` (for example `key={found[0]!r}`)."
             )
     raise LoadError(
         f"Checkpoint {path} holds {describe(obj)}; expected a state dict (a mapping of parameter "
         f"names to tensors), a dict with one under 'state_dict', 'model_state_dict', 'model', "
         f"'net' or 'module', or a whole nn.Module. Name the entry that holds the weights with "
-        f"--checkpoint-key KEY, or re-save it with torch.save(model.state_dict(), path)."
+        f"`key=KEY`, or re-save it with torch.save(model.state_dict(), path)."
     )
 
 
@@ -242,7 +242,7 @@ def match_keys(
             f"Checkpoint {path} holds the model's weights more than once: after stripping any of "
             f"the prefixes {', '.join(map(repr, usable))} its keys match the model's (for example a "
             f"LightningModule that keeps a student and a teacher, or a model and its EMA copy). "
-            f"Choose one with --strip-prefix PREFIX (for example --strip-prefix {usable[0]})."
+            f"Choose one with `strip_prefix=PREFIX` (for example `strip_prefix={usable[0]!r}`)."
         )
     if usable:
         inside, outside = _renamed(state, usable[0])
@@ -271,8 +271,8 @@ def _match_given(
         common = ", ".join(repr(p) for p, _ in heads.most_common(SHOW)) or "none"
         raise LoadError(
             f"Checkpoint {path}: none of its {len(state)} keys starts with {prefix!r} "
-            f"(--strip-prefix); they start with {common} (for example {list_keys(list(state))}). "
-            f"Pass one of those prefixes to --strip-prefix, or leave the flag out to detect it."
+            f"(`strip_prefix`); they start with {common} (for example {list_keys(list(state))}). "
+            f"Pass one of those prefixes as `strip_prefix`, or leave it out to detect it."
         )
     inside, outside = _renamed(state, prefix)
     exact = required <= set(inside) <= allowed
@@ -325,7 +325,7 @@ def mismatch_error(
     if missing or unexpected:
         text += " " + _tried_text(match, len(model_state), given_prefix)
     text += (
-        " Check that --model builds the same architecture (and its keyword arguments) as the one "
+        " Check that `model` builds the same architecture (and its keyword arguments) as the one "
         "that was trained."
     )
     if missing or unexpected:
@@ -335,10 +335,10 @@ def mismatch_error(
 
 def _tried_text(match: KeyMatch, n_model: int, given_prefix: bool) -> str:
     if given_prefix:
-        text = f"The prefix {match.prefix or ''!r} came from --strip-prefix."
+        text = f"The prefix {match.prefix or ''!r} came from `strip_prefix`."
         if match.near:
             would = f"strip {match.near[0]!r}" if match.near[0] else "strip nothing"
-            text += f" Without the flag mmdiag would {would}, and the keys would match."
+            text += f" Without it mmdiag would {would}, and the keys would match."
         return text
     if match.near:
         p = match.near[0]
@@ -346,7 +346,7 @@ def _tried_text(match: KeyMatch, n_model: int, given_prefix: bool) -> str:
             f"Stripping {p!r} supplies all of the model's keys but leaves checkpoint keys outside "
             f"it, and mmdiag drops keys only from a Lightning checkpoint's other top-level modules "
             f"(a loss, a teacher), so that part of a larger network is never loaded by accident. If "
-            f"the keys outside {p!r} are not part of this model, pass --strip-prefix {p}."
+            f"the keys outside {p!r} are not part of this model, pass `strip_prefix={p!r}`."
         )
     shown = ", ".join(repr(p) for p in match.tried[:6]) + (", ..." if len(match.tried) > 6 else "")
     tried = (

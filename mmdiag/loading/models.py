@@ -251,7 +251,7 @@ def call_factory(spec: str, kwargs: dict | None, what: str, expected: str, kwarg
 
 def build_model(spec: str, kwargs: dict | None = None) -> nn.Module:
     """Import the factory (a class or function) named by ``spec`` and call it with ``kwargs``."""
-    factory, model = call_factory(spec, kwargs, "model", "a torch.nn.Module", " (--model-kwargs)")
+    factory, model = call_factory(spec, kwargs, "model", "a torch.nn.Module", " (`model_kwargs`)")
     if not isinstance(model, nn.Module):
         raise LoadError(
             f"The model factory {_callable_name(factory, spec)} returned a "

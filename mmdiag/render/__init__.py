@@ -3,8 +3,9 @@
 ``write_outputs`` writes any of: ``report.json`` (the canonical artifact), ``metrics.csv`` (tidy
 table), ``report.html`` (one self-contained page), ``report.md`` (Markdown) and ``plots/*.png``.
 Tables live in :mod:`mmdiag.render.tables`, plots in :mod:`mmdiag.render.plots` (matplotlib, Agg
-canvas, imported only when a plot is drawn), the page in :mod:`mmdiag.render.html` and
-:mod:`mmdiag.render.markdown`.
+canvas, imported only when a plot is drawn; the figures each diagnostic declares are registered by
+name in :mod:`mmdiag.render.figures`, training figures in :mod:`mmdiag.render.history`), the page in
+:mod:`mmdiag.render.html` and :mod:`mmdiag.render.markdown`.
 """
 
 from __future__ import annotations

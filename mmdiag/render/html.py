@@ -17,7 +17,9 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mmdiag.report import Report, Result, write_atomic
+from mmdiag.diagnostics.base import declared
+from mmdiag.io import write_atomic
+from mmdiag.report import Report, Result, interval
 
 SEVERITY_COLOURS = {"strong": "#D55E00", "mild": "#E69F00", "none": "#009E73"}
 
@@ -83,42 +85,36 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def _interval_text(ci: Any) -> str:
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
-        return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-    return "–"
+    iv = interval(ci)
+    return f"[{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "–"
 
 
-def _sentences(text: str, n: int = 2) -> str:
-    text = " ".join(text.split())
-    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z(`\"'])", text)
-    return " ".join(parts[:n]).strip()
+def _class_of(name: str) -> Any:
+    """The registered diagnostic class behind a result (None when unknown here)."""
+    try:
+        return declared(name)
+    except Exception:  # a broken plug-in must not break rendering
+        return None
 
 
 def doc_parts(name: str) -> tuple[str, str]:
-    """(one-line title, two-sentence "how to read") of a registered diagnostic's docstring ('' when none)."""
-    try:
-        from mmdiag.diagnostics import DIAGNOSTICS
-
-        cls = DIAGNOSTICS.get(name) if name in DIAGNOSTICS else None
-    except Exception:  # a broken plug-in must not break rendering
-        cls = None
-    doc = inspect.cleandoc(cls.__doc__) if cls is not None and cls.__doc__ else ""
-    if not doc:
+    """(one-line title, "how to read") of a registered diagnostic: the first paragraph of its docstring
+    and its declared ``how_to_read`` ('' for a name this installation has no class for)."""
+    cls = _class_of(name)
+    if cls is None:
         return "", ""
-    paras = [p.strip() for p in re.split(r"\n\s*\n", doc) if p.strip()]
-    title = " ".join(paras[0].split()) if paras else ""
-    how = ""
-    for p in paras:
-        if p.lower().startswith("how to read"):
-            how = p.split(":", 1)[1] if ":" in p.split("\n", 1)[0] else p
-            break
-    if not how:
-        for j, p in enumerate(paras):
-            if p.lower().startswith("definition") and j + 1 < len(paras):
-                how = paras[j + 1]
-                break
-    how = _sentences(how) if how else ""
-    return title, how[:1].upper() + how[1:]
+    doc = inspect.getdoc(cls) or ""
+    title = " ".join(doc.split("\n\n", 1)[0].split())
+    return title, " ".join(str(cls.how_to_read or "").split())
+
+
+def _declared_scale(name: str) -> str:
+    """'Per modality: <scale>; higher means <...>.' from the diagnostic's declarations ('' when none)."""
+    cls = _class_of(name)
+    if cls is None or not (cls.scale or cls.higher_means):
+        return ""
+    text = f"Per modality: {cls.scale}" if cls.scale else "Per modality"
+    return text + (f"; higher means {cls.higher_means}." if cls.higher_means else ".")
 
 
 def _rst(text: str) -> str:
@@ -213,8 +209,11 @@ def _diagnostic_section(name: str, res: Result, report: Report, images: Mapping[
     for m in mods:
         rows.append(f"<tr>{_modality_cell(m, report, colours)}<td class=\"num\">{_fmt(res.per_modality.get(m))}</td>"
                     f'<td class="num">{_interval_text((res.ci or {}).get(m))}</td></tr>')
+    scale = _declared_scale(name)
     parts.append(f'<div class="wide"><table><thead><tr><th>modality</th><th>value</th><th>95% interval</th></tr></thead>'
-                 f"<tbody>{''.join(rows)}</tbody></table></div><p class=\"summary\">Direction: {direction}.</p>")
+                 f"<tbody>{''.join(rows)}</tbody></table></div>"
+                 + (f'<p class="summary">{_rst(scale)}</p>' if scale else "")
+                 + f'<p class="summary">Direction: {direction}.</p>')
     scalars = _scalar_details(res.details)
     if scalars:
         parts.append("<h3>Details</h3>" + '<dl class="params">'

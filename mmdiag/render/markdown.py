@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmdiag.report import Report, write_atomic
+from mmdiag.io import write_atomic
+from mmdiag.report import Report, interval
 
 #: settings shown in the Markdown (the HTML report shows them all)
 MAIN_SETTINGS = ("model", "checkpoint", "data", "mask", "mask_at", "seed", "bootstrap", "device")
@@ -29,9 +30,8 @@ def _cell(text: Any) -> str:
 
 
 def _interval(ci: Any) -> str:
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(c, (int, float)) for c in ci):
-        return f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    return ""
+    iv = interval(ci)
+    return f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
 
 
 def render_markdown(report: Report, title: str = "mmdiag report") -> str:

@@ -7,7 +7,8 @@ from typing import Mapping
 
 import pandas as pd
 
-from mmdiag.report import Report, Result, write_atomic
+from mmdiag.io import write_atomic
+from mmdiag.report import Report, Result
 
 
 def write_metrics_csv(report: Report, path: Path) -> Path:

@@ -16,7 +16,7 @@ from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.loading import dataset_from_arrays
 from mmdiag.report import Result
-from toys import BALANCED, DOMINANT, names_for, toy_evidence, toy_split, trained_toy
+from tests.helpers.toys import BALANCED, DOMINANT, names_for, toy_evidence, toy_split, trained_toy
 
 ATTR = DIAGNOSTICS.get("attribution")
 

@@ -17,7 +17,7 @@ from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
-from toys import BALANCED, DOMINANT, names_for, toy_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, names_for, toy_evidence
 
 BAL = DIAGNOSTICS.get("balance")
 
@@ -122,8 +122,22 @@ def check_against_reference(ev: Evidence, res: Result, of: str) -> None:
 
 # ------------------------------------------------------------------------------------ config
 def test_unknown_measure_is_a_config_error_listing_the_choices() -> None:
-    with pytest.raises(ConfigError, match="shapley, reliance, cal, mdi, attribution"):
+    # the choices are the registry's declared shareable contribution measures, not a list kept here
+    choices = tuple(n for n in DIAGNOSTICS.names()
+                    if DIAGNOSTICS.get(n).contribution and DIAGNOSTICS.get(n).shareable)
+    assert {"shapley", "reliance", "cal", "mdi", "attribution", "perceptual"} <= set(choices)
+    assert "ogm" not in choices and "balance" not in choices  # a ratio, and balance itself
+    assert BAL.uses == choices
+    with pytest.raises(ConfigError, match=", ".join(choices)):
         BAL(of="entropy")
+    with pytest.raises(ConfigError, match="Did you mean 'reliance'"):
+        BAL(of="relaince")
+    # perceptual declares itself shareable, so balance summarises it from its result
+    ev = random_evidence(seed=1, m_count=2, n=40)
+    first, second = ev.modalities
+    perceptual = Result(name="perceptual", value=None, per_modality={first: 0.3, second: 0.1})
+    res = BAL(of="perceptual").compute(ev, {"perceptual": perceptual})
+    assert res.per_modality == pytest.approx({first: 0.75, second: 0.25}) and res.details["largest"] == first
     with pytest.raises(ConfigError, match="of='shap'"):
         build_diagnostics(["balance"], {"balance": {"of": "shap"}})
     assert BAL.param_names() == ["of"]
@@ -294,4 +308,4 @@ def test_deterministic_json_safe_and_evidence_untouched() -> None:
     assert torch.equal(before[2], ev.attribution)
     assert "NaN" not in json.dumps(a.to_dict())
     assert a.higher_is_better is True and BAL.needs == frozenset({"subsets"})
-    assert BAL.uses == ("shapley", "reliance", "cal", "mdi", "attribution")
+    assert set(BAL.uses) >= {"shapley", "reliance", "cal", "mdi", "attribution"}

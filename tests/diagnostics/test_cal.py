@@ -14,7 +14,7 @@ from mmdiag.diagnostics.cal import CAL
 from mmdiag.errors import ConfigError
 from mmdiag.evidence import Evidence
 from mmdiag.stats import bootstrap_indices
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 KINDS = ("subsets",)
 

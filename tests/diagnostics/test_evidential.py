@@ -10,8 +10,8 @@ from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.diagnostics.evidential import fuse, opinion
 from mmdiag.errors import ConfigError
 from mmdiag.evidence import mask_of
-from _fake import fake_evidence
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.fake import fake_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 Evidential = DIAGNOSTICS.get("evidential")
 

@@ -17,8 +17,8 @@ from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.loading import dataset_from_arrays
-from mmdiag.synthetic import ToyNet, make_toy
-from toys import BALANCED, DOMINANT, names_for, toy_evidence, toy_split, trained_toy
+from mmdiag.examples_data.synthetic import ToyNet, make_toy
+from tests.helpers.toys import BALANCED, DOMINANT, names_for, toy_evidence, toy_split, trained_toy
 
 GC = DIAGNOSTICS.get("gradient_conflict")
 

@@ -13,7 +13,7 @@ from mmdiag.diagnostics.mdi import MDI
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.stats import bootstrap_indices
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 KINDS = ("features", "grad_x_act")
 

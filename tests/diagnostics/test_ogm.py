@@ -14,7 +14,7 @@ from mmdiag.diagnostics.ogm import OGM
 from mmdiag.errors import ConfigError
 from mmdiag.evidence import Evidence
 from mmdiag.stats import bootstrap_indices
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 KINDS = ("subsets",)
 
@@ -104,7 +104,7 @@ def test_matches_reference_on_toy_head_split_and_masked():
     assert ev.head_split is not None  # ToyNet's concat head: OGM's R1 split is available
     check_against_reference(ev)
     check_against_reference(ev, OGM(bootstrap=0, batch_size=50, alpha=0.8))
-    masked = dataclasses.replace(ev, head_split=None)
+    masked = ev.replace(head_split=None)
     check_against_reference(masked)
 
 
@@ -152,7 +152,7 @@ def test_class_absent_from_labels():
     ev = ev.select_rows(torch.nonzero(ev.labels != 1)[:, 0])
     assert 1 not in set(ev.labels.tolist())
     check_against_reference(ev)
-    check_against_reference(dataclasses.replace(ev, head_split=None))
+    check_against_reference(ev.replace(head_split=None))
 
 
 def test_constant_modality():
@@ -175,7 +175,7 @@ def test_constant_modality():
 def test_more_modalities(strength):
     ev = toy_evidence(strength, 0, kinds=KINDS)
     check_against_reference(ev)
-    check_against_reference(dataclasses.replace(ev, head_split=None))
+    check_against_reference(ev.replace(head_split=None))
     res = OGM(bootstrap=100).compute(ev)
     assert res.details["dominant"] == "m0"
     assert min(res.per_modality.values()) >= 1.0

@@ -12,7 +12,7 @@ import torch
 from mmdiag.diagnostics.perceptual import Perceptual
 from mmdiag.evidence import Evidence
 from mmdiag.stats import bootstrap_indices
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 KINDS = ("permutations",)
 

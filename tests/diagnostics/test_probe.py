@@ -7,7 +7,7 @@ import torch
 from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.diagnostics._probes import Standardiser, fit_logistic, stratified_split
 from mmdiag.evidence import Evidence
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 Probe = DIAGNOSTICS.get("probe")
 

@@ -7,9 +7,9 @@ import torch
 
 from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.diagnostics._probes import auroc, stratified_split
-from mmdiag.diagnostics._resample import resample_rows
 from mmdiag.evidence import Evidence
-from toys import BALANCED, DOMINANT, toy_evidence
+from mmdiag.stats import bootstrap_rows
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 Prototype = DIAGNOSTICS.get("prototype")
 
@@ -75,7 +75,7 @@ def test_split_path_matches_loops():
     q = np.stack([ref_scores(x[build].tolist(), y[build], x[evaluate].tolist(), y[evaluate], 3)[0]
                   for x in (xa, xb)], axis=1)
     means, ratios = [], []
-    for row in resample_rows(len(q), 50, 0):
+    for row in bootstrap_rows(len(q), 50, 0):
         sums_b = q[row].sum(axis=0)
         means.append(sums_b / len(row))
         ratios.append(sums_b.max() / sums_b.min())

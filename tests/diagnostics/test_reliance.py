@@ -4,8 +4,8 @@ import pytest
 
 from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.evidence import mask_of
-from _fake import fake_evidence
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.fake import fake_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 Reliance = DIAGNOSTICS.get("reliance")
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.evidence import mask_of
-from _fake import fake_evidence
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.fake import fake_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 Shapley = DIAGNOSTICS.get("shapley")
 

@@ -9,7 +9,7 @@ from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.diagnostics._probes import row_split
 from mmdiag.diagnostics.udml import UNDEFINED_SPEARMAN, udml_weights
 from mmdiag.evidence import Evidence, mask_of
-from toys import BALANCED, DOMINANT, toy_evidence
+from tests.helpers.toys import BALANCED, DOMINANT, toy_evidence
 
 Udml = DIAGNOSTICS.get("udml")
 FAST = dict(steps=60, bootstrap=50)

@@ -1,0 +1,1 @@
+"""Per-fix tests and the conformance kit every registered fix passes."""

@@ -1,4 +1,7 @@
-"""modality_dropout: combination draws, feature masking, hardest-combination CE, hygiene, direction."""
+"""modality_dropout: combination draws, feature masking, hardest-combination CE, the black box, direction.
+
+The contract every fix meets (hooks, teardown, state, parameters, distributed) is in test_conformance.py.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdiag.adapter import ModelAdapter
 from mmdiag.errors import ConfigError
 from mmdiag.fixes import FIXES, FixContext, fix_step
 from mmdiag.fixes.modality_dropout import ModalityDropout
-from mmdiag.train import fit
-
-from .test_ogm_ge import (MODS, assert_no_leftovers, check_clean_after_error, check_hooks_fire,
-                          check_state_round_trip, direction, hook_inventory, toy_model, train_toy)
-from toys import DOMINANT, toy_split
+from tests.helpers.fixkit import (MODS, SHORT, Blob, batch, check_hooks_fire, direction, fit_run, make_run, mean,
+                                  roundtrip, toy_model, train)
 
 
 def _ctx(model: nn.Module) -> FixContext:
-    return FixContext(ModelAdapter(model, MODS), None, epochs=1, n_classes=4)
-
-
-def _batch(n: int = 64, seed: int = 0) -> tuple[dict, torch.Tensor]:
-    train, _ = toy_split(DOMINANT, seed)
-    return {m: torch.as_tensor(train[m][:n]) for m in MODS}, torch.as_tensor(train["label"][:n])
+    return make_run(ModalityDropout(), model=model).ctx
 
 
 def test_registered_with_metadata() -> None:
@@ -50,7 +44,7 @@ def test_draws_are_uniform_and_dropped_features_are_masked() -> None:
     seen: list[torch.Tensor] = []
     hook = model.head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
     try:
-        x, y = _batch(600)
+        x, y = batch(n=600)
         fix = ModalityDropout()
         ctx = _ctx(model)
         fix.setup(ctx)
@@ -78,7 +72,7 @@ def test_weakest_combination_and_hard_loss() -> None:
     assert fix.weakest == "visual" and sig["weakest"] == "visual" and sig["weakest_acc"] == pytest.approx(0.3)
     assert sig["acc.audio+visual"] == pytest.approx(0.95)
     assert fix._seen == [0.0, 0.0, 0.0]  # accumulators reset for the next epoch
-    x, y = _batch()
+    x, y = batch()
     torch.manual_seed(1)
     step0 = fix_step(ctx, fix, x, y, epoch=0)  # before begin_epoch: no extra term
     assert "hard_loss" not in step0.logs
@@ -95,7 +89,7 @@ def test_hard_all_supervises_every_sample_on_the_weakest_combination() -> None:
     ctx = _ctx(model)
     fix.setup(ctx)
     fix._weakest = 1  # visual only
-    x, y = _batch()
+    x, y = batch()
     step = fix_step(ctx, fix, x, y, epoch=3)
     with torch.no_grad():
         feats = {m: model.encoders[m](x[m]) for m in MODS}
@@ -104,48 +98,25 @@ def test_hard_all_supervises_every_sample_on_the_weakest_combination() -> None:
 
 
 def test_black_box_model_drops_inputs() -> None:
-    class Blob(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-
-        def forward(self, x: dict) -> torch.Tensor:
-            return self.net(torch.cat([x["audio"], x["visual"]], 1))
-
-    train, val = toy_split(DOMINANT, 0)
     torch.manual_seed(0)
-    hist = fit(ModelAdapter(Blob(), MODS), train, val_data=val, fix=ModalityDropout(), epochs=2, lr=0.05,
-               device="cpu")
+    _, hist = fit_run(ModalityDropout(), model=Blob(), epochs=2, lr=0.05)
     assert hist.last["signal.weakest"] in ("audio", "visual")
 
 
-def test_every_hook_fires() -> None:
-    fix = check_hooks_fire(ModalityDropout)
+def test_every_hook_fires_and_signals_name_the_combinations() -> None:
+    run = check_hooks_fire(ModalityDropout(), rows=SHORT)
     assert {"acc.audio", "acc.visual", "acc.audio+visual", "weakest", "weakest_acc"} <= set(
-        ModalityDropout.signals_from(fix, {0: 1.0, 1: 0.5, 2: 1.0}))
+        ModalityDropout.signals_from(run.fix, {0: 1.0, 1: 0.5, 2: 1.0}))
 
 
-def test_no_hook_survives_teardown() -> None:
-    model = toy_model(0)
-    before = hook_inventory(model)
-    train, _ = toy_split(DOMINANT, 0)
-    train_toy(ModalityDropout(), model=model, epochs=2)
-    assert_no_leftovers(model, before, train)
-
-
-def test_no_hook_survives_an_exception_mid_training() -> None:
-    check_clean_after_error(ModalityDropout, at=2)  # raises inside the dropout head call (stubs in place)
-
-
-def test_state_dict_round_trip() -> None:
-    fix = ModalityDropout()
-    train_toy(fix, epochs=2)
-    assert fix.weakest is not None
-    check_state_round_trip(fix, ModalityDropout())
+def test_state_after_training_names_the_weakest_combination() -> None:
+    run = train(ModalityDropout(), epochs=2)
+    assert run.fix.weakest is not None
+    roundtrip(run.fix)
 
 
 def test_direction_weak_modality_gains() -> None:
     """Modality dropout raises the weak modality's unimodal accuracy over plain training."""
-    fixed, plain = direction(ModalityDropout)
-    assert sum(fixed) / 3 > sum(plain) / 3 + 0.1, (fixed, plain)
+    fixed, plain, _, _ = direction(ModalityDropout)
+    assert mean(fixed) > mean(plain) + 0.1, (fixed, plain)
     assert all(f > p for f, p in zip(fixed, plain)), (fixed, plain)

@@ -15,23 +15,22 @@ import torch
 
 from mmdiag.adapter import ModelAdapter
 from mmdiag.fixes import FIXES
-from mmdiag.synthetic import ToyNet
+from mmdiag.examples_data.synthetic import ToyNet
 from mmdiag.train import CHECKPOINT, fit, load_training_checkpoint
-from toys import DOMINANT, toy_split
+from tests.helpers.toys import DOMINANT, toy_split
 
 MODS = ("audio", "visual")
-TESTS = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the child imports tests.helpers from here
 
 SCRIPT = textwrap.dedent('''
-    import sys, time
-    sys.path.insert(0, {tests!r})
+    import time
     import torch
     torch.set_num_threads(1)
     from mmdiag.adapter import ModelAdapter
     from mmdiag.fixes import FIXES
-    from mmdiag.synthetic import ToyNet
+    from mmdiag.examples_data.synthetic import ToyNet
     from mmdiag.train import fit
-    from toys import DOMINANT, toy_split
+    from tests.helpers.toys import DOMINANT, toy_split
 
     def slow(progress):  # slow enough to be killed between checkpoints
         time.sleep(0.02)
@@ -53,7 +52,7 @@ def _fit(model, out_dir, **kw):
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(tests=str(TESTS), out=str(out))],
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(out=str(out))], cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.time() + 120

@@ -19,12 +19,12 @@ import pytest
 from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
-from cli_run import run
+from tests.helpers.cli_run import run
 from mmdiag.cli.app import app
 from mmdiag.errors import UserCodeError, user_iteration
 from mmdiag.report import SCHEMA_VERSION, Report, Result
 
-from test_render import synthetic_report
+from tests.test_render import synthetic_report
 
 runner = CliRunner()
 

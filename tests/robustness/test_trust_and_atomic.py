@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from mmdiag.cli.app import app
-from toys import DOMINANT, toy_split, trained_toy
+from tests.helpers.toys import DOMINANT, toy_split, trained_toy
 
 MODEL = textwrap.dedent('''
-    from mmdiag.synthetic import ToyNet
+    from mmdiag.examples_data.synthetic import ToyNet
     def toy():
         return ToyNet(["audio", "visual"])
     def broken():

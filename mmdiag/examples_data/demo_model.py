@@ -8,7 +8,7 @@ The model has no BatchNorm, so masking does not interact with running statistics
 in eval mode.
 
 Example:
-    >>> from mmdiag.avdigits import load_avdigits, split_indices
+    >>> from mmdiag.examples_data.avdigits import load_avdigits, split_indices
     >>> data = load_avdigits()
     >>> tr, va = split_indices(len(data["label"]))
     >>> model = AVDigitsNet()
@@ -90,7 +90,7 @@ def train_plain(
     Args:
         model: The model to train in place, e.g. :class:`AVDigitsNet`.
         data: Dict with float32 ``"audio"`` and ``"visual"`` arrays and int64
-            ``"label"``, as returned by :func:`mmdiag.avdigits.load_avdigits`
+            ``"label"``, as returned by :func:`mmdiag.examples_data.avdigits.load_avdigits`
             (index it first to keep only the training split).
         epochs: Number of passes over the data.
         seed: Seeds ``torch.manual_seed`` and the shuffling generator.

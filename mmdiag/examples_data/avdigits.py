@@ -59,12 +59,12 @@ _CHUNK = 256  # clips per noise chunk (bounds peak memory to a few tens of MB)
 def _raw() -> dict[str, np.ndarray]:
     """Read the shipped npz once; callers must not modify the returned arrays."""
     try:
-        ref = resources.files("mmdiag").joinpath("data", _DATA_FILE)
+        ref = resources.files("mmdiag.examples_data").joinpath("data", _DATA_FILE)
         with resources.as_file(ref) as path, np.load(path, allow_pickle=False) as z:
             out = {k: z[k] for k in z.files}
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise LoadError(
-            f"could not read the embedded AV-digits data mmdiag/data/{_DATA_FILE}: {exc}. "
+            f"could not read the embedded AV-digits data mmdiag/examples_data/data/{_DATA_FILE}: {exc}. "
             "Reinstall mmdiag, or regenerate the file with tools/make_avdigits.py."
         ) from exc
     for arr in out.values():
@@ -139,7 +139,7 @@ def load_avdigits(
     Args:
         snr_db: Signal-to-noise ratio of the audio in dB, relative to each clip's
             mean speech power. ``None`` gives clean audio. Lower values weaken the
-            audio modality. For the demo model (``mmdiag.demo_model``) audio
+            audio modality. For the demo model (``mmdiag.examples_data.demo_model``) audio
             dominates clean, the two are roughly balanced around -5 dB, and the
             image dominates at -10 dB and below.
         seed: Seed of the noise. The same ``(snr_db, seed)`` always gives identical

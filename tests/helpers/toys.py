@@ -8,13 +8,14 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from mmdiag.adapter import ModelAdapter
 from mmdiag.collect import CollectSettings, collect
 from mmdiag.evidence import EVIDENCE_KINDS, Evidence
 from mmdiag.loading import dataset_from_arrays
-from mmdiag.synthetic import ToyNet, fit_toy, make_toy
+from mmdiag.examples_data.synthetic import ToyNet, fit_toy, make_toy
 
 ALL_KINDS = tuple(sorted(EVIDENCE_KINDS))
 #: the knob settings used by direction tests
@@ -69,3 +70,34 @@ def _toy_evidence(strength: tuple[float, ...], seed: int, fusion: str, kinds: tu
     settings = CollectSettings(device="cpu", seed=seed, batch_size=128, max_attribution_samples=64,
                                attribution_fraction=1.0, grad_fraction=1.0, param_grad_fraction=1.0, max_noise_samples=200, ig_steps=16)
     return collect(adapter, data, set(kinds), settings)
+
+
+def toy_new_data(strength: Sequence[float] = DOMINANT, seed: int = 0, shifted: str = "visual") -> dict:
+    """New data for the ``ood`` diagnostic: the held-out half, with ``shifted``'s input in its second
+    half replaced by noise of four times the toy's scale (a drift of that modality alone)."""
+    new = {k: v.copy() for k, v in toy_split(tuple(strength), seed)[1].items()}
+    half = len(new["label"]) // 2
+    rng = np.random.default_rng(seed + 7)
+    new[shifted][half:] = rng.normal(scale=4.0, size=new[shifted][half:].shape).astype(new[shifted].dtype)
+    return new
+
+
+def with_new_data(ev: Evidence, strength: Sequence[float] = DOMINANT, seed: int = 0, fusion: str = "concat") -> Evidence:
+    """A copy of ``ev`` that also holds the pooled features of every row of :func:`toy_new_data`
+    (what the ``ood`` diagnostic scores), from the trained ToyNet of the same knob."""
+    rows, feats = _new_data_features(tuple(strength), int(seed), str(fusion))
+    return ev.replace(ood_rows=rows, ood_features=feats)
+
+
+@functools.lru_cache(maxsize=None)
+def _new_data_features(strength: tuple[float, ...], seed: int, fusion: str) -> tuple[torch.Tensor, dict]:
+    model = trained_toy(strength, seed, fusion)
+    adapter = ModelAdapter(model, tuple(names_for(len(strength))))
+    new = toy_new_data(strength, seed)
+    n = len(new["label"])
+    settings = CollectSettings(device="cpu", seed=seed, batch_size=128, max_feature_samples=n)
+    ev = collect(adapter, dataset_from_arrays(new), {"features"}, settings)
+    assert ev.features is not None and ev.feature_rows is not None
+    rows = ev.index[ev.feature_rows]
+    order = torch.argsort(rows)
+    return rows[order], {m: f[order] for m, f in ev.features.items()}

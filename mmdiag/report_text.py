@@ -1,0 +1,86 @@
+"""The report's summary as rows and as plain text: what the terminal table, CI logs and
+:meth:`mmdiag.report.Report.summary` show.
+
+Rows are ordered the way people read them: the verdict's evidence first (unimodal accuracy,
+Shapley, reliance, the balance summary), then the other contribution measures, then the
+specialised diagnostics. Every per-modality cell reads "higher = more of this modality", except
+where a diagnostic says otherwise, and then its row is labelled so (``combinations (without)``:
+the accuracy with that modality missing).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmdiag.report import Report
+
+#: the verdict's evidence first, then the other contribution measures, then the rest
+READING_ORDER = ("unimodal", "shapley", "reliance", "balance", "attribution", "cal", "mdi", "perceptual",
+                 "ogm", "combinations", "probe", "prototype", "evidential", "gradient_conflict", "udml")
+
+#: cells of reports written before results carried ``cells``: the one built-in mirrored row
+OLDER_REPORT_CELLS = {"combinations": "without"}
+
+LEGEND = ("headline: spread = max - min over the modalities, weakest = lowest value; cells: value "
+          "[95% interval]; (without): the accuracy with that modality missing")
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ordered_names(report: "Report") -> list[str]:
+    """The report's diagnostics in reading order (unknown names, plug-ins say, last, as found)."""
+    known = [n for n in READING_ORDER if n in report.diagnostics]
+    return known + [n for n in report.diagnostics if n not in READING_ORDER]
+
+
+def summary_rows(report: "Report") -> list[list[str]]:
+    """Header plus one row per diagnostic: name, headline (value and what it is), one cell per
+    modality; then one row per diagnostic that failed or was skipped."""
+    rows = [["diagnostic", "headline", *report.modalities]]
+    for name in ordered_names(report):
+        res = report.diagnostics[name]
+        cells_are = res.cells or OLDER_REPORT_CELLS.get(name, "")
+        label = f"{name} ({cells_are})" if cells_are else name
+        headline = fmt(res.value) + (f" {res.headline}" if res.headline and res.value is not None else "")
+        cells = []
+        for m in report.modalities:
+            ci = res.interval(m)
+            interval = f" [{fmt(ci[0], 2)}, {fmt(ci[1], 2)}]" if ci else ""
+            cells.append(fmt(res.per_modality.get(m)) + interval)
+        rows.append([label, headline, *cells])
+    for f in report.failures:
+        rows.append([f.diagnostic, f.kind, *(["-"] * len(report.modalities))])
+    return rows
+
+
+def verdict_lines(report: "Report", html_path: str | None = None) -> list[str]:
+    """``verdict: ...``, then its reasons, then where the HTML report is."""
+    lines = [f"verdict: {report.verdict.headline()}"]
+    lines += [f"  - {r}" for r in report.verdict.reasons]
+    if html_path:
+        lines.append(f"open {html_path} for the plots and how to read each diagnostic")
+    return lines
+
+
+def plain_table(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell; nothing wrapped or cut (for logs and files)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for k, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        out.append("  ".join(cells).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def summary_text(report: "Report", html_path: str | None = None) -> str:
+    """The whole summary as plain text: title, table, legend, failures, verdict and reasons."""
+    title = f"mmdiag: {report.n_samples} samples, fused accuracy {report.accuracy:.3f}"
+    parts = [title, plain_table(summary_rows(report)), LEGEND]
+    parts += [f"{f.diagnostic} {f.kind}: {f.error}" for f in report.failures]
+    parts += verdict_lines(report, html_path)
+    return "\n".join(parts)

@@ -1,0 +1,1 @@
+"""Per-diagnostic tests: a slow reference implementation, edge cases and a direction check each."""

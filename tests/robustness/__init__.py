@@ -1,0 +1,1 @@
+"""Robustness: bad inputs, fuzzing, kill and resume, loud errors, trust and atomic writes."""
