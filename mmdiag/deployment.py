@@ -7,7 +7,8 @@ and the missing-modality fixes read them through this module.
   ``{"rgb": 0.3, "depth": 0.5}``: modality m is missing with probability r_m, independently of the
   others; a modality not named is never missing. The probability of the combination S (the
   modalities present) is P(S) = prod_{m in S} (1 - r_m) * prod_{m not in S} r_m.
-* **A distribution over combinations**, ``{"rgb+depth": 0.6, "depth": 0.4}`` (``combinations``):
+* **A distribution over combinations**, ``{"rgb+depth": 0.6, "depth": 0.4}`` or
+  ``rgb+depth=0.6,depth=0.4`` (``combinations``):
   names are modalities joined by ``+`` in any order, ``none`` is the empty combination, the
   probabilities lie in [0, 1] and sum to 1 (within 1e-6); a combination not named has probability 0.
 
@@ -32,8 +33,8 @@ import numpy as np
 from mmdiag.errors import ConfigError
 from mmdiag.registry import closest
 
-__all__ = ["EMPTY", "SUM_TOLERANCE", "Distribution", "distribution", "parse_combinations", "parse_missing",
-           "combination_name", "draw_masks"]
+__all__ = ["EMPTY", "SUM_TOLERANCE", "Distribution", "combination_name", "conditional", "distribution",
+           "forced_present", "parse_combinations", "parse_missing"]
 
 #: the name of the empty combination (every modality missing)
 EMPTY = "none"
@@ -50,11 +51,11 @@ def _probability(value: Any, what: str, example: str) -> float:
         try:
             value = float(value.strip())
         except ValueError:
-            raise ConfigError(f"{what} must be a number in [0, 1]; found {value!r} ({example}).") from None
+            raise ConfigError(f"{what} must be a number between 0 and 1; found {value!r} ({example}).") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ConfigError(f"{what} must be a number in [0, 1]; found {value!r} ({example}).")
+        raise ConfigError(f"{what} must be a number between 0 and 1; found {value!r} ({example}).")
     if not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(f"{what} must be in [0, 1]; found {value} ({example}).")
+        raise ConfigError(f"{what} must be between 0 and 1; found {value} ({example}).")
     return float(value)
 
 
@@ -71,7 +72,8 @@ def _pairs(spec: Any, what: str, example: str) -> list[tuple[str, Any]]:
             continue
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ConfigError(f"`{what}` expects NAME=VALUE entries separated by commas; found {item!r} ({example}).")
+            raise ConfigError(f"`{what}` expects NAME=VALUE entries separated by commas; the part {item!r} has "
+                              f"no '=' ({example}).")
         out.append((name.strip(), value.strip()))
     return out
 
@@ -102,7 +104,7 @@ def _members(name: str) -> frozenset[str]:
         raise ConfigError(f"Combination {name!r} has an empty part; write modalities joined by '+' "
                           f"({_COMBINATIONS_EXAMPLE}), or {EMPTY!r} for the empty combination.")
     if len(set(parts)) != len(parts):
-        raise ConfigError(f"Combination {name!r} names a modality twice.")
+        raise ConfigError(f"Combination {name!r} names a modality twice; name each once.")
     return frozenset(parts)
 
 
@@ -110,16 +112,14 @@ def parse_combinations(spec: Any) -> dict[str, float]:
     """A distribution over combinations: canonical name -> probability.
 
     ``spec`` maps ``"rgb+depth"``-style names (any order; ``none`` = the empty combination) to
-    probabilities in [0, 1] that sum to 1 within :data:`SUM_TOLERANCE`. The canonical name sorts
-    the members (the model's modality order is applied later). ConfigError for a combination named
-    twice (``rgb+depth`` and ``depth+rgb``), a bad probability or a sum other than 1.
+    probabilities in [0, 1] that sum to 1 within :data:`SUM_TOLERANCE`, as a mapping or as text
+    ``rgb+depth=0.6,depth=0.4``. The canonical name sorts the members (the model's modality order
+    is applied later). ConfigError for a combination named twice (``rgb+depth`` and
+    ``depth+rgb``), a bad probability or a sum other than 1.
     """
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"`combinations` must be a table of combination -> probability; found {spec!r} "
-                          f"({_COMBINATIONS_EXAMPLE}).")
     out: dict[str, float] = {}
     seen: dict[frozenset[str], str] = {}
-    for raw, value in spec.items():
+    for raw, value in _pairs(spec, "combinations", _COMBINATIONS_EXAMPLE):
         members = _members(str(raw))
         if members in seen:
             raise ConfigError(f"`combinations` lists the same combination twice: {seen[members]!r} and {raw!r}.")
@@ -197,8 +197,9 @@ class Distribution:
             p[0] = 0.0
         if p[0] >= 1.0 - 1e-12:
             raise ConfigError(f"Under {self.describe()} every modality is always missing (the empty combination "
-                              "has probability 1): there is nothing the model could be evaluated on. Give "
-                              "some combination with a modality present a positive probability.")
+                              "has probability 1): there is nothing the model could be evaluated on. Give at "
+                              "least one modality a rate below 1 (or a combination with a modality present a "
+                              "positive probability).")
         return p
 
 
@@ -242,10 +243,3 @@ def forced_present(p: np.ndarray, j: int) -> np.ndarray:
     out = np.zeros_like(p)
     np.add.at(out, np.arange(p.shape[0]) | (1 << j), p)
     return out
-
-
-def draw_masks(p: np.ndarray, n: int, rng: np.random.Generator, *, nonempty: bool = True) -> np.ndarray:
-    """[n] subset masks drawn from the distribution ``p`` [2^M] (with ``nonempty``: from its
-    renormalised non-empty part, as the diagnostic scores it), e.g. for training under it."""
-    probs = conditional(p)[0] if nonempty else np.asarray(p, dtype=np.float64) / np.sum(p)
-    return rng.choice(probs.shape[0], size=int(n), p=probs)

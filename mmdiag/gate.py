@@ -442,7 +442,7 @@ def to_junit(result: GateResult, name: str = "mmdiag gate") -> str:
             el.text = detail
         else:
             out = ET.SubElement(case, "system-out")
-            out.text = f"{o.status}: {detail}"
+            out.text = detail  # already opens with the status
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 

@@ -29,7 +29,8 @@ def closest(name: str, candidates: list[str]) -> str | None:
 
 def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
     """A one-paragraph message for an unknown name: what was asked, what exists, what is close."""
-    msg = f"Unknown {kind} {name!r}. Known {kind}s: {', '.join(sorted(known)) or '(none)'}."
+    plural = kind + ("es" if kind.endswith("x") else "s")  # "fixes", not "fixs"
+    msg = f"Unknown {kind} {name!r}. Known {plural}: {', '.join(sorted(known)) or '(none)'}."
     near = closest(name, known)
     if near is not None:
         msg += f" Did you mean {near!r}?"

@@ -228,7 +228,8 @@ class Report:
 
         # render sits above this layer (it imports report): load it when asked, not at import time
         html = importlib.import_module("mmdiag.render.html")
-        plots = importlib.import_module("mmdiag.render.plots").report_plots(self, None, dpi=90)
+        dpi = importlib.import_module("mmdiag.render.canvas").DEFAULT_DPI
+        plots = importlib.import_module("mmdiag.render.plots").report_plots(self, None, dpi=dpi)
         return html.write_html(self, Path(path), plots)
 
     @classmethod

@@ -13,21 +13,43 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mmdiag.report import Report
+    from mmdiag.report import Report, Result
 
 #: the verdict's evidence first, then the other contribution measures, then the rest
 READING_ORDER = ("unimodal", "shapley", "reliance", "balance", "attribution", "cal", "mdi", "perceptual",
-                 "ogm", "combinations", "probe", "prototype", "evidential", "gradient_conflict", "udml")
+                 "ogm", "combinations", "deployment", "ood", "probe", "prototype", "evidential", "gradient_conflict", "udml")
 
 #: cells of reports written before results carried ``cells``: the one built-in mirrored row
 OLDER_REPORT_CELLS = {"combinations": "without"}
 
 LEGEND = ("headline: spread = max - min over the modalities, weakest = lowest value; cells: value "
-          "[95% interval]; (without): the accuracy with that modality missing")
+          "[95% interval]; (without): the accuracy with that modality missing; (too wide): an interval "
+          "too wide to read")
+
+#: intervals too wide to read, per diagnostic: (widest readable interval on its scale, fewest batches
+#: the interval may rest on). gradient_conflict bootstraps over a handful of gradient batches: an
+#: interval wider than 1 (half the cosine's range, -1 to 1) or drawn from fewer than 5 batches says
+#: nothing either way, so it is marked instead of being read as a finding.
+TOO_WIDE = {"gradient_conflict": (1.0, 5)}
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def too_wide(res: "Result", modality: str | None = None) -> str:
+    """Why the interval of ``res.per_modality[modality]`` (of the headline when None) is too wide to
+    read by the rule of :data:`TOO_WIDE`, in words; '' when it can be read or has no such rule."""
+    rule, ci = TOO_WIDE.get(res.name), res.interval(modality)
+    if rule is None or ci is None:
+        return ""
+    widest, fewest = rule
+    batches = (res.details or {}).get("n_batches") if isinstance(res.details, dict) else None
+    if isinstance(batches, int) and not isinstance(batches, bool) and batches < fewest:
+        return f"resting on {batches} batch{'es' if batches != 1 else ''} (fewer than {fewest})"
+    if ci[1] - ci[0] > widest:
+        return f"spanning {ci[1] - ci[0]:.2f} (wider than {widest:g})"
+    return ""
 
 
 def ordered_names(report: "Report") -> list[str]:
@@ -49,6 +71,7 @@ def summary_rows(report: "Report") -> list[list[str]]:
         for m in report.modalities:
             ci = res.interval(m)
             interval = f" [{fmt(ci[0], 2)}, {fmt(ci[1], 2)}]" if ci else ""
+            interval += " (too wide)" if ci and too_wide(res, m) else ""
             cells.append(fmt(res.per_modality.get(m)) + interval)
         rows.append([label, headline, *cells])
     for f in report.failures:

@@ -229,7 +229,7 @@ SETTINGS: dict[str, Spec] = {
     # the deployment distribution (independent missing rates, parsed by mmdiag.deployment) and new
     # data scored for distribution shift
     "missing": Spec("pairs", optional=True, hint="MODALITY=RATE, e.g. rgb=0.3,depth=0.5"),
-    "ood_data": TEXT, "ood_quantile": Spec("float", minimum=0.0, maximum=1.0, above=True, optional=True),
+    "ood_data": TEXT, "restore": PATH, "ood_quantile": Spec("float", minimum=0.0, maximum=1.0, above=True, optional=True),
 }
 #: ``rebalance --baseline`` is a switch (also train the plain model); ``analyze --baseline`` a report path.
 REBALANCE: dict[str, Spec] = {**SETTINGS, "baseline": BOOL}

@@ -237,3 +237,16 @@ def test_list_and_version():
 def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "mmdiag", "--version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("mmdiag")
+
+
+def test_json_output_of_analyze_and_list(workspace, tmp_path):
+    res = run(["analyze", "--model", f"{workspace}/models.py:toy", "--checkpoint", f"{workspace}/toy.pt",
+               "--data", f"{workspace}/test.npz", "--out", str(tmp_path / "o"), "--json", *FAST])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["verdict"]["dominant"] == "audio" and set(doc["diagnostics"]) >= {"shapley", "unimodal"}
+    listed = json.loads(run(["list", "diagnostics", "--json"]).stdout)
+    shapley = next(d for d in listed if d["name"] == "shapley")
+    assert shapley["contribution"] and "subsets" in shapley["needs"]
+    fixes = json.loads(run(["list", "fixes", "--json"]).stdout)
+    assert any(f["name"] == "ogm_ge" and "gradient_imbalance" in f["targets"] for f in fixes)

@@ -347,3 +347,29 @@ def test_gate_on_a_large_synthetic_report() -> None:
     res = evaluate(rep, ["shapley.m0 >= 0.1", "combinations.details.accuracy.m0+m1 >= 0.3", "perceptual.m5 < 1",
                          "probe > 0", "verdict.underused == m5"])
     assert [o.status for o in res.outcomes] == ["PASS", "PASS", "PASS", "ERROR", "PASS"]
+
+
+def test_github_format_annotates_each_rule_that_did_not_pass(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmdiag.cli.app import app
+
+    path = synthetic_report().save(tmp_path / "report.json")
+    res = CliRunner().invoke(app, ["gate", str(path), "--bound", "point", "--format", "github",
+                                   "--rule", "shapley.audio >= 0", "--rule", "shapley.visual >= 0.99",
+                                   "--warn-rule", "reliance.visual >= 0.99"])
+    assert res.exit_code == 1, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("::")]
+    assert lines[0].startswith("::error title=mmdiag gate FAIL%3A shapley.visual >= 0.99") and "::measured" in lines[0]
+    assert lines[1].startswith("::warning title=mmdiag gate WARN%3A reliance.visual >= 0.99")
+    assert lines[-1].startswith("::notice title=mmdiag gate::1 pass, 1 warn, 1 fail, 0 error")
+    assert not any("shapley.audio" in line for line in lines)
+
+
+def test_junit_system_out_says_pass_once(tmp_path):
+    from mmdiag.gate import evaluate, parse_rule, to_junit
+
+    result = evaluate(synthetic_report(), [parse_rule("shapley.audio >= 0")], bound="point")
+    xml = to_junit(result)
+    out = xml[xml.index("<system-out>"):xml.index("</system-out>")]
+    assert out.count("PASS") == 1

@@ -26,7 +26,7 @@ LAYERS = {
     # diagnostics, fixes and the verdict
     "diagnostics": 3, "fixes": 3, "verdict": 3,
     # running the model (collection, training), rendering, comparing and gating reports
-    "collect": 4, "train": 4, "specs": 4, "render": 4, "gate": 4, "compare": 4, "deploy": 4,
+    "collect": 4, "train": 4, "specs": 4, "render": 4, "gate": 4, "gate_annotations": 4, "compare": 4, "deploy": 4,
     # the library's entry points
     "api": 5, "rebalance": 6, "demo": 6,
     "cli": 7, "__main__": 8, "__init__": 8,

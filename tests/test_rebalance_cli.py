@@ -118,7 +118,16 @@ def test_fix_auto_records_the_recommendation(ws: Path) -> None:
     expected = fix["recommended"] if fix["recommended"] in FIXES else FALLBACK_FIX
     assert fix["used"] == expected == fix["fix"]
     assert json.loads((ws / "auto" / "comparison.json").read_text())["choice"]["used"] == expected
-    assert "fix auto ->" in res.output
+    assert [line for line in res.stdout.splitlines() if line.strip()] == [res.stdout.strip()]  # --quiet: one line
+
+
+def test_the_choice_is_said_before_training_and_the_after_verdict_after(ws: Path) -> None:
+    loud = [a for a in base_args("auto_loud") if a != "--quiet"]
+    res = run([*loud, "--fix", "auto", "--baseline"], ws)
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert text.index("fix auto ->") < text.index("train after")
+    assert "verdict after" in text and "better" in text and "lower: more even" in text
 
 
 def test_resume_continues_with_the_saved_settings(ws: Path, named_run: Path) -> None:

@@ -134,6 +134,7 @@ def analyze(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the outputs of an earlier run in --out."),
     config: Optional[Path] = opt.CONFIG,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the verdict line."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of the summary (warnings stay on stderr)."),
     run_gate: bool = typer.Option(False, "--gate", help="After the analysis, check the rules of [gate] in the config (exit 1 when one fails)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Earlier report.json that 'baseline' in gate rules refers to."),
     restore: Optional[Path] = typer.Option(None, "--restore", help="Folder holding restore.safetensors (from `rebalance --fix restore`): evaluate every modality combination with the missing modalities restored by that translator instead of masked."),
@@ -185,7 +186,7 @@ def analyze(
     if o.get("restore") and not quiet:
         console.print(f"restoring missing modalities with the translator in {escape(str(o['restore']))}: the "
                       "combinations are evaluated with restored, not masked, modalities", highlight=False)
-    with ProgressBar(not quiet) as bar, warnings.catch_warnings():
+    with ProgressBar(not (quiet or as_json)) as bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", MmdiagWarning)  # printed from report.notes below
         report, ev = analyze_with(
             the_model, dataset, adapter_spec(o, mods), analysis_spec(o, params, cs, thresholds),
@@ -203,7 +204,9 @@ def analyze(
         write_outputs(report, stage, per_sample=report.diagnostics if o.get("per_sample") else None)
         if o.get("save_evidence"):
             ev.save(stage / "evidence.pt")
-    if quiet:
+    if as_json:  # the report document itself, for scripts (warnings stay on stderr)
+        typer.echo(report.to_json())
+    elif quiet:
         console.print(report.verdict.headline(), highlight=False)
     else:
         print_summary(report, console, html_path=str(out_dir / "report.html"))

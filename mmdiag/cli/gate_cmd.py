@@ -136,8 +136,9 @@ def print_gate(result: Any, out: Console) -> None:
 
 def run_gate(report: Any, *, rules: list[Any], baseline: Path | None, bound: str, warn_only: bool,
              junit: Path | None = None, markdown: Path | None = None, as_json: bool = False,
-             report_path: str | None = None) -> int:
-    """Evaluate, print (table or JSON), write JUnit/Markdown files; return the exit code."""
+             report_path: str | None = None, github: bool = False) -> int:
+    """Evaluate, print (table or JSON; with ``github``, also GitHub annotations), write
+    JUnit/Markdown files; return the exit code."""
     from mmdiag.gate import evaluate, to_junit, to_markdown
     from mmdiag.io import write_atomic
     from mmdiag.report import Report
@@ -158,6 +159,10 @@ def run_gate(report: Any, *, rules: list[Any], baseline: Path | None, bound: str
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         print_gate(result, console)
+    if github:
+        from mmdiag.gate_annotations import to_github
+
+        typer.echo(to_github(result, report_path))
     if result.exit_code == 2:
         bad = next(o for o in result.outcomes if o.usage_error)
         err_console.print(f"[bold red]error:[/] rule {escape(repr(str(bad.rule)))}: {escape(bad.message)}",
@@ -204,27 +209,32 @@ def resolve_gate(conf: Mapping[str, Any], source: str | None, cli_rules: list[st
 @handle_errors
 def gate(
     report: Path = typer.Argument(..., help="The report.json to check."),
-    rule: Optional[list[str]] = typer.Option(None, "--rule", "-r", help="A rule such as 'shapley.visual >= 0.15' (repeatable; replaces the config's rules)."),
-    warn_rule: Optional[list[str]] = typer.Option(None, "--warn-rule", help="A rule that only warns when it fails (repeatable)."),
+    rule: Optional[list[str]] = typer.Option(None, "--rule", "-r", metavar="RULE", help="A rule such as 'shapley.visual >= 0.15' (repeatable; replaces the config's rules)."),
+    warn_rule: Optional[list[str]] = typer.Option(None, "--warn-rule", metavar="RULE", help="A rule that only warns when it fails (repeatable)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", "-b", help="Earlier report.json that 'baseline' in rules refers to."),
     bound: Optional[str] = typer.Option(None, "--bound", help="ci (interval ends; default) or point (point values)."),
     warn_only: Optional[bool] = typer.Option(None, "--warn-only/--no-warn-only", help="Report failures as warnings and exit 0."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write a JUnit XML file (one testcase per rule)."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write a Markdown summary (e.g. $GITHUB_STEP_SUMMARY)."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcomes as JSON instead of a table."),
+    output_format: str = typer.Option("table", "--format", metavar="table|json|github", help="table (default), json (as --json), or github: the table plus GitHub Actions annotations (::error / ::warning lines) for each rule that did not pass."),
     missing: Optional[str] = typer.Option(None, "--missing", help="Gate the deployment keys under these independent missing rates (MODALITY=RATE,...; or [deployment] in the config): the report's per-combination accuracies are re-weighted (point values; the analysis's own distribution keeps its intervals)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml)."),
 ) -> None:
     """Check gate rules against a report.json."""
     from mmdiag.report import Report
 
+    if output_format not in ("table", "json", "github"):
+        raise ConfigError(f"--format must be table, json or github; found {output_format!r}.")
+    as_json = as_json or output_format == "json"
     if bound is not None and bound not in ("ci", "point"):
         raise ConfigError(f"--bound must be 'ci' or 'point'; found {bound!r}.")
     conf, source = cfg.find_config(config)
     o = resolve_gate(conf, source, rule, warn_rule, bound, baseline, warn_only, junit, markdown)
     the_report = deployed(Report.load(report), cfg.deployment_params(conf, source, missing))
     code = run_gate(the_report, rules=o["rules"], baseline=o["baseline"], bound=o["bound"], warn_only=o["warn_only"],
-                    junit=o["junit"], markdown=o["markdown"], as_json=as_json, report_path=str(report))
+                    junit=o["junit"], markdown=o["markdown"], as_json=as_json, report_path=str(report),
+                    github=output_format == "github")
     if code:
         raise typer.Exit(code)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -35,11 +38,30 @@ def _fixes_table() -> tuple[Table, dict[str, str]]:
     return table, FIXES.skipped
 
 
+def registry_json(what: str) -> list[dict[str, Any]]:
+    """The registered diagnostics or fixes and their declared metadata, as JSON-safe dicts."""
+    if what.startswith("diag"):
+        from mmdiag.diagnostics import DIAGNOSTICS
+
+        return [{"name": c.name, "summary": c.summary, "headline": c.headline, "scale": c.scale,
+                 "higher_means": c.higher_means, "contribution": c.contribution, "needs": sorted(c.needs),
+                 "default": c.default, "argues_for": list(c.argues_for), "params": c.param_names()}
+                for c in DIAGNOSTICS.classes()]
+    from mmdiag.fixes import FIXES
+
+    return [{"name": c.name, "summary": c.summary, "targets": list(c.targets),
+             "needs_encoders": c.needs_encoders} for c in FIXES.classes()]
+
+
 @handle_errors
 def list_command(
     what: str = typer.Argument("diagnostics", help="diagnostics or fixes"),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list (name and declared metadata) instead of a table."),
 ) -> None:
     """List diagnostics (or fixes), plug-ins included, with what they measure and what they need."""
+    if as_json and (what.startswith("diag") or what.startswith("fix")):
+        typer.echo(json.dumps(registry_json(what), indent=2))
+        return
     if what.startswith("diag"):
         table, skipped = _diagnostics_table()
     elif what.startswith("fix"):

@@ -12,7 +12,7 @@ import typer
 
 MODALITIES: Optional[str] = typer.Option(None, "--modalities", help="Comma-separated modality names (default: from the data).")
 CALL: Optional[str] = typer.Option(None, "--call", help="Forward convention: dict, kwargs or positional (default: detected).")
-ENCODER: Optional[list[str]] = typer.Option(None, "--encoder", help="MODALITY=MODULE naming each encoder (repeatable).")
+ENCODER: Optional[list[str]] = typer.Option(None, "--encoder", metavar="MODALITY=MODULE", help="MODALITY=MODULE naming each encoder (repeatable).")
 HEAD: Optional[str] = typer.Option(None, "--head", help="Dotted name of the fusion head (default: detected).")
 MASK: str = typer.Option("zero", "--mask", help="How an absent modality is filled: zero, mean or noise.")
 MASK_AT: Optional[str] = typer.Option(None, "--mask-at", help="input or feature (default: feature when encoders are known).")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import TextColumn
+from rich.progress import TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from mmdiag.cli import config as cfg
@@ -20,6 +20,7 @@ from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, 
 from mmdiag.cli.flags import to_cli
 from mmdiag.errors import ConfigError, MmdiagWarning
 from mmdiag.io import write_atomic
+from mmdiag.rebalance.run import AnalysisProgress
 from mmdiag.registry import closest
 from mmdiag.validation import REBALANCE
 
@@ -53,27 +54,39 @@ _TABLES = ("fix_params", "model_kwargs", "data_kwargs", "params", "thresholds", 
 
 
 class _TrainBar(ProgressBar):
-    """One rich bar per training phase (per epoch), with the live loss and the fix's signals."""
+    """One rich bar per phase: each analysis (rows evaluated) and each training (epochs, with the
+    live loss and the fix's signals), with elapsed and remaining time. The fix choice is printed as
+    soon as it is made."""
 
-    extra_columns = (TextColumn("{task.fields[info]}"),)
+    extra_columns = (TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     transient = False
+
+    def _say(self, text: str, style: str = "dim") -> None:
+        out = self._progress.console if self._progress is not None else err_console
+        out.print(f"[{style}]{escape(to_cli(text))}[/]", highlight=False, soft_wrap=True)
 
     def __call__(self, phase: str, info: Any) -> None:
         if info is None:
-            if self._progress is not None:
-                self._progress.console.print(f"[dim]{phase}...[/]", highlight=False)
-            else:
-                err_console.print(f"[dim]{phase}...[/]", highlight=False)
+            if phase.startswith("fix "):
+                self._say(phase, "bold")
+            elif self._progress is None:
+                self._say(f"{phase}...")
             return
         if self._progress is None:
-            if info.stage == "epoch":
-                err_console.print(f"[dim]{phase}: epoch {info.epoch + 1}/{info.epochs} {_info_text(info)}[/]",
-                                  highlight=False)
+            if getattr(info, "stage", None) == "epoch":
+                self._say(f"{phase}: epoch {info.epoch + 1}/{info.epochs} {_info_text(info)}")
             return
+        if isinstance(info, AnalysisProgress):
+            total, done, text = info.total, info.done, ""
+        else:
+            total = info.epochs
+            done = info.epoch + (1 if info.stage == "epoch" else info.batch / max(info.batches, 1))
+            text = _info_text(info)
         if phase not in self._tasks:
-            self._tasks[phase] = self._progress.add_task(phase, total=info.epochs, info="")
-        done = info.epoch + (1 if info.stage == "epoch" else info.batch / max(info.batches, 1))
-        self._progress.update(self._tasks[phase], completed=done, info=_info_text(info))
+            self._tasks[phase] = self._progress.add_task(phase, total=total, info="")
+        # the live text is cut to the terminal: a line wider than the terminal wraps and scrolls
+        room = max(10, self._progress.console.width - 70)
+        self._progress.update(self._tasks[phase], completed=done, info=text[:room])
 
 
 def _info_text(info: Any) -> str:
@@ -93,11 +106,34 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def comparison_table(rows: list[dict[str, Any]], fix: str, has_before: bool, has_baseline: bool) -> Table:
-    """Rows of the comparison: value before / after / baseline and the differences (* = intervals separate)."""
+#: what a change of a headline means, by the result's headline label: (+1 higher is better, -1 lower
+#: is better, 0 nearer 0 is better (a signed log-ratio); the words for the table)
+_HEADLINE_DIRECTION = {
+    "spread": (-1, "lower: more even"), "max ratio": (-1, "lower: more even"),
+    "log-ratio": (0, "nearer 0: more even"), "evenness": (+1, "higher: more even"),
+    "weakest": (+1, "higher is better"), "lowest cos": (+1, "higher: less conflict"),
+    "fused u": (-1, "lower: more certain"), "expected": (+1, "higher is better"),
+}
+
+
+def row_direction(key: str, report: Any) -> tuple[int, str] | None:
+    """How to read a change of row ``key`` (see :data:`_HEADLINE_DIRECTION`); None: neither way
+    (a per-modality value, which says where the model's reliance moved)."""
+    if key == "accuracy":
+        return +1, "higher is better"
+    res = report.diagnostics.get(key) if report is not None and "." not in key else None
+    label = (getattr(res, "headline", "") or "") if res is not None else ""
+    return _HEADLINE_DIRECTION.get(label.split(" ")[0] if label.startswith("expected") else label)
+
+
+def comparison_table(rows: list[dict[str, Any]], fix: str, has_before: bool, has_baseline: bool,
+                     after: Any = None) -> Table:
+    """Rows of the comparison: value before / after / baseline and the differences (* = intervals
+    separate), with a column saying which way is better, and changes coloured by it."""
     table = Table(title=f"rebalance with {fix}: before -> after" + (" vs baseline" if has_baseline else ""),
                   title_justify="left")
-    table.add_column("value", style="bold")
+    table.add_column("value", style="bold", no_wrap=True)
+    table.add_column("better", no_wrap=True)
     if has_before:
         table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -108,27 +144,31 @@ def comparison_table(rows: list[dict[str, Any]], fix: str, has_before: bool, has
     if has_baseline:
         table.add_column("after-baseline", justify="right")
 
-    def diff(value: Any, separated: Any) -> str:
+    def diff(value: Any, separated: Any, direction: int | None, old: Any) -> str:
         if value is None:
             return "-"
-        mark = "*" if separated else ""
-        colour = "green" if value > 0 else "red" if value < 0 else ""
-        text = f"{value:+.3f}{mark}"
-        return f"[{colour}]{text}[/]" if colour and separated else text
+        text = f"{value:+.3f}" + ("*" if separated else "")
+        if direction is None or not separated:
+            return text
+        gain = value * direction if direction else (abs(old or 0) - abs((old or 0) + value))
+        return f"[green]{text}[/]" if gain > 0 else f"[red]{text}[/]" if gain < 0 else text
 
     for r in rows:
-        cells = [r["key"]]
+        read = row_direction(r["key"], after)
+        direction = read[0] if read is not None else None
+        cells = [r["key"], read[1] if read is not None else ""]
         if has_before:
             cells.append(_fmt(r["before"]))
         cells.append(_fmt(r["after"]))
         if has_baseline:
             cells.append(_fmt(r["baseline"]))
         if has_before:
-            cells.append(diff(r["after_minus_before"], r["separated_after_before"]))
+            cells.append(diff(r["after_minus_before"], r["separated_after_before"], direction, r["before"]))
         if has_baseline:
-            cells.append(diff(r["after_minus_baseline"], r["separated_after_baseline"]))
+            cells.append(diff(r["after_minus_baseline"], r["separated_after_baseline"], direction, r["baseline"]))
         table.add_row(*cells)
-    table.caption = "* the 95% bootstrap intervals do not overlap"
+    table.caption = ("* the 95% bootstrap intervals do not overlap; green: a change the right way, red: the "
+                     "wrong way; per-modality rows show where the reliance moved")
     return table
 
 
@@ -210,7 +250,7 @@ def rebalance(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: FILE.npz, FILE.pt or FILE.py:fn."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation data for the analyses and the history."),
     fix: str = typer.Option("auto", "--fix", "-f", help="A fix name (mmdiag list fixes) or auto: the fix the diagnosis recommends."),
-    fix_param: Optional[list[str]] = typer.Option(None, "--fix-param", help="KEY=VALUE parameter of the fix (repeatable; FIX.KEY=VALUE for one fix only)."),
+    fix_param: Optional[list[str]] = typer.Option(None, "--fix-param", metavar="[FIX.]KEY=VALUE", help="KEY=VALUE parameter of the fix (repeatable; FIX.KEY=VALUE for one fix only)."),
     epochs: int = typer.Option(20, "--epochs", help="Training epochs (fix run and baseline)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, adam or adamw."),
     lr: float = typer.Option(1e-2, "--lr", help="Learning rate."),
@@ -368,7 +408,7 @@ def _analysis_spec(o: dict[str, Any], tables: dict[str, Any]) -> AnalysisSpec:
 
 def _print_result(result: Any, quiet: bool, out_dir: Path) -> None:
     """Notes, each report's warnings once, the fix choice, the comparison table and the result line."""
-    for note in result.notes:
+    for note in result.notes if not quiet else ():
         console.print(f"[dim]note: {escape(to_cli(note))}[/]", highlight=False)
     said: set[str] = set()
     for report in (result.before, result.baseline, result.after):
@@ -377,15 +417,15 @@ def _print_result(result: Any, quiet: bool, out_dir: Path) -> None:
                 said.add(note)
                 err_console.print(f"[bold yellow]warning:[/] {escape(to_cli(note))}", highlight=False,
                                   soft_wrap=True)
-    choice = result.choice
-    if choice.get("requested") == "auto":
-        console.print(f"fix auto -> [bold]{result.fix}[/]: {choice.get('note')}", highlight=False)
-        for reason in choice.get("reasons") or []:
-            console.print(f"[dim]  {reason}[/]", highlight=False)
     if not quiet:
         console.print(comparison_table(result.comparison, result.fix, result.before is not None,
-                                       result.baseline is not None))
-    console.print(_result_line(result), highlight=False)
+                                       result.baseline is not None, result.after))
+        if result.after is not None:
+            console.print(f"[bold]verdict after {escape(result.fix)}:[/] {escape(result.after.verdict.headline())}",
+                          highlight=False)
+            for reason in result.after.verdict.reasons:
+                console.print(f"  - {escape(to_cli(reason))}", highlight=False)
+    console.print(_result_line(result), highlight=False, soft_wrap=True)
     if not quiet:
         console.print(f"[dim]wrote {out_dir / 'model.safetensors'}, {out_dir / 'history.csv'} and "
                       f"{out_dir / 'comparison.csv'}[/]")

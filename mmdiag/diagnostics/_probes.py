@@ -89,55 +89,57 @@ class Standardiser:
         return (x - self.mean) / self.std
 
 
-def _logistic_loss(theta: torch.Tensor, x: torch.Tensor, onehot: torch.Tensor,
-                   weight_decay: float) -> tuple[float, torch.Tensor]:
+def _logistic_loss(theta: np.ndarray, x: torch.Tensor, onehot: torch.Tensor,
+                   weight_decay: float) -> tuple[float, np.ndarray]:
     """Mean cross-entropy of softmax(x W + b) plus weight_decay * ||W||^2, and its gradient.
 
-    ``theta`` is W [d, C] and b [C] flattened (W first); the gradient has the same layout.
+    ``theta`` is W [d, C] and b [C] flattened (W first); the gradient has the same layout. The
+    products over the rows run in torch (float64, no autograd graph).
     """
     d, c = x.shape[1], onehot.shape[1]
-    w, b = theta[:d * c].view(d, c), theta[d * c:]
+    t = torch.from_numpy(theta)
+    w, b = t[:d * c].view(d, c), t[d * c:]
     z = torch.addmm(b, x, w)
     log_norm = torch.logsumexp(z, dim=1, keepdim=True)
     loss = float((log_norm[:, 0] - (z * onehot).sum(dim=1)).mean() + weight_decay * (w * w).sum())
     resid = (torch.exp(z - log_norm) - onehot) / x.shape[0]
     grad_w = torch.addmm(w, x.T, resid, beta=2.0 * weight_decay)
-    return loss, torch.cat([grad_w.reshape(-1), resid.sum(dim=0)])
+    return loss, torch.cat([grad_w.reshape(-1), resid.sum(dim=0)]).numpy()
 
 
-def _lbfgs_direction(g: torch.Tensor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+def _lbfgs_direction(g: np.ndarray, pairs: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
     """-H g for the L-BFGS inverse-Hessian estimate H of the stored (s, y, 1 / s.y) pairs (two loops)."""
-    q = g.clone()
+    q = g.copy()
     alphas = []
     for s, y, rho in reversed(pairs):
         a = rho * float(s @ q)
-        q.add_(y, alpha=-a)
+        q -= a * y
         alphas.append(a)
     if pairs:
         s, y, _ = pairs[-1]
-        q.mul_(float(s @ y) / float(y @ y))
-    else:  # first step: a unit-length move along -g
-        q.div_(max(float(q.norm()), 1.0))
+        q *= float(s @ y) / float(y @ y)
+    else:  # first step: a move of length at most 1 along -g
+        q /= max(float(np.linalg.norm(q)), 1.0)
     for (s, y, rho), a in zip(pairs, reversed(alphas)):
-        q.add_(s, alpha=a - rho * float(y @ q))
-    return q.neg_()
+        q += (a - rho * float(y @ q)) * s
+    return -q
 
 
-def minimize_lbfgs(fun: Callable[[torch.Tensor], tuple[float, torch.Tensor]], start: torch.Tensor,
-                   max_iter: int, gtol: float = 1e-9, ftol: float = 1e-12, memory: int = 20) -> torch.Tensor:
+def minimize_lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], start: np.ndarray,
+                   max_iter: int, gtol: float = 1e-9, ftol: float = 1e-12, memory: int = 20) -> np.ndarray:
     """Minimise a smooth convex function by L-BFGS with a backtracking (Armijo) line search.
 
-    ``fun(theta)`` returns (loss, gradient). Stops when the largest gradient entry is at most
-    ``gtol``, when an iteration lowers the loss by at most ``ftol`` * max(|loss|, 1), or after
-    ``max_iter`` iterations. On a strictly convex function every step has s.y > 0, so every pair
-    is kept (the oldest beyond ``memory`` dropped); a direction that is not a descent direction
-    restarts from the gradient.
+    ``fun(theta)`` returns (loss, gradient) for a float64 vector. Stops when the largest gradient
+    entry is at most ``gtol``, when an iteration lowers the loss by at most ``ftol`` * max(|loss|,
+    1), or after ``max_iter`` iterations. On a strictly convex function every step has s.y > 0, so
+    every pair is kept (the oldest beyond ``memory`` dropped); a direction that is not a descent
+    direction restarts from the gradient.
     """
-    theta = start.clone()
+    theta = np.array(start, dtype=np.float64)
     f, g = fun(theta)
-    pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
     for _ in range(max_iter):
-        if float(g.abs().max()) <= gtol:
+        if float(np.abs(g).max()) <= gtol:
             break
         direction = _lbfgs_direction(g, pairs)
         slope = float(g @ direction)
@@ -154,7 +156,7 @@ def minimize_lbfgs(fun: Callable[[torch.Tensor], tuple[float, torch.Tensor]], st
         sy = float(s @ y)
         if sy > 0:
             pairs = [*pairs[-(memory - 1):], (s, y, 1.0 / sy)]
-        theta.add_(s)
+        theta = theta + s
         done = f - f_new <= ftol * max(abs(f), abs(f_new), 1.0)
         f, g = f_new, g_new
         if done:
@@ -177,8 +179,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: flo
     d = xt.shape[1]
     with one_thread():
         theta = minimize_lbfgs(lambda t: _logistic_loss(t, xt, onehot, weight_decay),
-                               torch.zeros(d * n_classes + n_classes, dtype=torch.float64), max_iter)
-    return theta[:d * n_classes].reshape(d, n_classes).numpy().copy(), theta[d * n_classes:].numpy().copy()
+                               np.zeros(d * n_classes + n_classes), max_iter)
+    return theta[:d * n_classes].reshape(d, n_classes).copy(), theta[d * n_classes:].copy()
 
 
 def predict_logistic(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -202,8 +204,22 @@ _BETAS = (0.9, 0.999)
 _EPS = 1e-8
 
 
+class _Stacked:
+    """M regressors' weights [w1 (M, D, hidden), b1 (M, 1, hidden), w2 (M, hidden, 1), b2 (M, 1, 1)]
+    as views of one flat float32 buffer, and their gradients as views of another (one Adam update
+    of the flat buffer updates every weight)."""
+
+    def __init__(self, m_count: int, d: int, hidden: int) -> None:
+        shapes = [(m_count, d, hidden), (m_count, 1, hidden), (m_count, hidden, 1), (m_count, 1, 1)]
+        ends = np.cumsum([0] + [math.prod(shape) for shape in shapes])
+        self.flat = torch.zeros(int(ends[-1]))
+        self.grad = torch.zeros(int(ends[-1]))
+        self.params = [self.flat[a:b].view(shape) for a, b, shape in zip(ends[:-1], ends[1:], shapes)]
+        self.grads = [self.grad[a:b].view(shape) for a, b, shape in zip(ends[:-1], ends[1:], shapes)]
+
+
 def _stacked_init(dims: Sequence[int], hidden: int, seeds: Sequence[int],
-                  bias: float) -> tuple[list[NoiseRegressor], list[torch.Tensor]]:
+                  bias: float) -> tuple[list[NoiseRegressor], _Stacked]:
     """Each modality's seeded :class:`NoiseRegressor` and their weights stacked along a first axis.
 
     The inputs of modality j are zero-padded to max(dims) columns; its padded first-layer rows are
@@ -214,27 +230,31 @@ def _stacked_init(dims: Sequence[int], hidden: int, seeds: Sequence[int],
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             models.append(NoiseRegressor(d, hidden))
-    w1 = torch.zeros(len(dims), max(dims), hidden)
+    stacked = _Stacked(len(dims), max(dims), hidden)
+    w1, b1, w2, b2 = stacked.params
     for j, (model, d) in enumerate(zip(models, dims)):
         w1[j, :d] = model.body[0].weight.detach().T
-    b1 = torch.stack([m.body[0].bias.detach() for m in models])[:, None, :].clone()
-    w2 = torch.stack([m.body[2].weight.detach().T for m in models]).clone()  # [M, hidden, 1]
-    b2 = torch.full((len(dims), 1, 1), bias)
-    return models, [w1, b1, w2, b2]
+        b1[j, 0] = model.body[0].bias.detach()
+        w2[j] = model.body[2].weight.detach().T
+    b2.fill_(bias)
+    return models, stacked
 
 
-def _noise_gradients(params: list[torch.Tensor], x: torch.Tensor, target: torch.Tensor,
-                     scale: float) -> list[torch.Tensor]:
-    """Gradients of sum_j mean_i (sigma_ji - t_i)^2 / scale for the stacked regressors (by hand:
-    the chain rule through exp(0.5 o), the second linear layer, the ReLU and the first layer)."""
-    w1, b1, w2, b2 = params
-    pre = torch.baddbmm(b1, x, w1)  # [M, n, hidden]
-    h = pre.clamp_min(0.0)
-    sigma = torch.exp(0.5 * torch.baddbmm(b2, h, w2))  # [M, n, 1]
-    g_o = (sigma - target) * sigma * (1.0 / (x.shape[1] * scale))  # d/do of the loss: 2 (s - t) * 0.5 s / (n scale)
-    g_h = (g_o * w2.transpose(1, 2)).mul_(torch.sign(h))  # sign(h) = 1 where pre > 0, else 0
-    return [torch.bmm(x.transpose(1, 2), g_h), g_h.sum(1, keepdim=True),
-            torch.bmm(h.transpose(1, 2), g_o), g_o.sum(1, keepdim=True)]
+def _noise_gradients(stacked: _Stacked, x: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor,
+                     scale: float) -> None:
+    """Gradients of sum_j mean_i (sigma_ji - t_i)^2 / scale for the stacked regressors, written into
+    ``stacked.grads`` (by hand: the chain rule through exp(0.5 o), the second linear layer, the
+    ReLU and the first layer). ``x_t`` is ``x`` transposed (contiguous)."""
+    w1, b1, w2, b2 = stacked.params
+    g_w1, g_b1, g_w2, g_b2 = stacked.grads
+    h = torch.baddbmm(b1, x, w1).clamp_min_(0.0)  # [M, n, hidden]
+    sigma = torch.baddbmm(b2, h, w2).mul_(0.5).exp_()  # [M, n, 1]
+    g_o = (sigma - target).mul_(sigma).mul_(1.0 / (x.shape[1] * scale))  # 2 (s - t) * 0.5 s / (n scale)
+    g_h = (g_o * w2.transpose(1, 2)).mul_(torch.sign(h))  # sign(h) = 1 where the ReLU passes, else 0
+    torch.bmm(x_t, g_h, out=g_w1)
+    torch.sum(g_h, dim=1, keepdim=True, out=g_b1)
+    torch.bmm(h.transpose(1, 2), g_o, out=g_w2)
+    torch.sum(g_o, dim=1, keepdim=True, out=g_b2)
 
 
 def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: int, steps: int, lr: float,
@@ -246,25 +266,25 @@ def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: i
     seeded by ``seeds[j]`` (the global random state is restored afterwards) and its output bias
     starts at 2 log mean(t), so sigma starts at the mean target. The regressors are independent:
     they are stacked and trained together (batched matrix products, gradients written out, Adam
-    with PyTorch's defaults), which gives each the same steps as a fit of its own.
+    with PyTorch's defaults on one flat buffer), which gives each the same steps as a fit of its own.
     """
     tt = torch.as_tensor(target, dtype=torch.float32).reshape(1, -1, 1)
     scale = float(tt.var()) if tt.numel() > 1 and float(tt.var()) > 0 else 1.0
     dims = [int(x.shape[1]) for x in xs]
-    models, params = _stacked_init(dims, hidden, seeds, 2.0 * float(np.log(max(float(tt.mean()), 1e-6))))
+    models, stacked = _stacked_init(dims, hidden, seeds, 2.0 * float(np.log(max(float(tt.mean()), 1e-6))))
     x = torch.zeros(len(xs), tt.shape[1], max(dims))
     for j, xj in enumerate(xs):
         x[j, :, :dims[j]] = torch.as_tensor(xj, dtype=torch.float32)
-    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    x_t = x.transpose(1, 2).contiguous()
+    m1, m2 = torch.zeros_like(stacked.flat), torch.zeros_like(stacked.flat)
     with one_thread():
         for step in range(1, steps + 1):
-            grads = _noise_gradients(params, x, tt, scale)
-            c1, c2 = 1.0 - _BETAS[0] ** step, math.sqrt(1.0 - _BETAS[1] ** step)
-            for p, g, (m1, m2) in zip(params, grads, moments):
-                m1.mul_(_BETAS[0]).add_(g, alpha=1.0 - _BETAS[0])
-                m2.mul_(_BETAS[1]).addcmul_(g, g, value=1.0 - _BETAS[1])
-                p.addcdiv_(m1, (m2.sqrt() / c2).add_(_EPS), value=-lr / c1)
-    w1, b1, w2, b2 = params
+            _noise_gradients(stacked, x, x_t, tt, scale)
+            m1.lerp_(stacked.grad, 1.0 - _BETAS[0])
+            m2.mul_(_BETAS[1]).addcmul_(stacked.grad, stacked.grad, value=1.0 - _BETAS[1])
+            denom = m2.sqrt().div_(math.sqrt(1.0 - _BETAS[1] ** step)).add_(_EPS)
+            stacked.flat.addcdiv_(m1, denom, value=-lr / (1.0 - _BETAS[0] ** step))
+    w1, b1, w2, b2 = stacked.params
     with torch.no_grad():
         for j, (model, d) in enumerate(zip(models, dims)):
             model.body[0].weight.copy_(w1[j, :d].T)
@@ -272,12 +292,6 @@ def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: i
             model.body[2].weight.copy_(w2[j].T)
             model.body[2].bias.copy_(b2[j, 0])
     return [m.eval() for m in models]
-
-
-def fit_noise_regressor(x: np.ndarray, target: np.ndarray, hidden: int, steps: int, lr: float,
-                        seed: int) -> NoiseRegressor:
-    """One :class:`NoiseRegressor` fitted as in :func:`fit_noise_regressors`."""
-    return fit_noise_regressors([x], target, hidden, steps, lr, [seed])[0]
 
 
 def predict_noise(model: NoiseRegressor, x: np.ndarray) -> np.ndarray:

@@ -20,11 +20,11 @@ def weights(p: np.ndarray, n_modalities: int) -> np.ndarray:
     """[1 + M, 2^M] linear weights on the subsets' accuracies: row 0 gives E, row 1 + j gives L_j.
 
     E = sum_S Q(S) A(S) with Q the non-empty part of ``p`` renormalised; L_j = E_j - E with
-    E_j = sum_T P_j(T) A(T), P_j the distribution when modality j is never missing. Neither row
+    E_j = sum_S Q(S) A(S + j), the same served requests with modality j never missing. Neither row
     weighs the empty subset.
     """
     q, _ = conditional(p)
-    rows = [q] + [forced_present(p, j) - q for j in range(n_modalities)]
+    rows = [q] + [forced_present(q, j) - q for j in range(n_modalities)]
     return np.stack(rows)
 
 
@@ -92,11 +92,11 @@ class Deployment(Diagnostic):
 
     * Headline: E = sum_S Q(S) A(S), the expected accuracy. Interval: bootstrap of the rows (E is
       the mean over rows of e_i = sum_S Q(S) 1[correct_i(S)]).
-    * Per modality: L_m = E_m - E, the expected accuracy lost because m goes missing, E_m being the
-      expected accuracy when m is never missing and the other modalities keep their availability
-      (the mass of every S moves to S + m; the empty combination becomes {m}, which is served).
-      L_m = 0 for a modality that is never missing; lower is better. The L_m need not add up to
-      A(all) - E (modalities missing together interact). Interval: bootstrap of the rows.
+    * Per modality: L_m = E_m - E, the expected accuracy lost because m goes missing, where
+      E_m = sum_S Q(S) A(S + m) is the expected accuracy of the same served requests with m never
+      missing and the other modalities as available as before (the empty combination stays out, as
+      in E). L_m = 0 for a modality that is never missing; lower is better. The L_m need not add up
+      to A(all) - E (modalities missing together interact). Interval: bootstrap of the rows.
     * ``details``: per non-empty combination its probability Q, accuracy A and interval, weighted
       accuracy Q(S) A(S) (they add up to E) and cost Q(S) (A(all) - A(S)); ``worst`` = the
       combination of largest cost among those with Q > 0, with ``worst_accuracy`` (gate key

@@ -13,7 +13,7 @@ from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
-from mmdiag.stats import bootstrap_ci, bootstrap_mean_ci
+from mmdiag.stats import bootstrap_mean_draws, percentile_interval
 from mmdiag.validation import Spec
 
 
@@ -108,9 +108,10 @@ class Probe(Diagnostic):
 
         correct = np.stack(cols, axis=1)  # [n_test, M]
         values = {m: float(correct[:, j].mean()) for j, m in enumerate(ev.modalities)}
-        ci = bootstrap_mean_ci(correct, self.bootstrap, self.seed, self.level)
-        value_ci = bootstrap_ci(lambda idx: np.ptp(correct[idx].mean(axis=0)), correct.shape[0],
-                                self.bootstrap, self.seed, self.level)[0]
+        # one set of resampled means gives both intervals (the resamples of the shared bootstrap)
+        draws = bootstrap_mean_draws(correct, self.bootstrap, self.seed)
+        ci = percentile_interval(draws, self.level)  # NaN bounds without resamples
+        value_ci = percentile_interval(np.ptp(draws, axis=1), self.level)
         return self.result(
             spread(values),
             values,

@@ -15,7 +15,7 @@ from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
-from mmdiag.stats import bootstrap_ci, bootstrap_mean_ci
+from mmdiag.stats import bootstrap_mean_draws, percentile_interval
 from mmdiag.validation import Spec
 
 #: Spearman value reported when it is undefined (constant predictions or features): no detectable
@@ -154,9 +154,10 @@ class Udml(Diagnostic):
         cols = np.stack(clean_pred, axis=1)  # [n_test, M]
         sigma = cols.mean(axis=0)
         values = {m: float(sigma[j]) for j, m in enumerate(ev.modalities)}
-        ci = bootstrap_mean_ci(cols, self.bootstrap, self.seed, self.level)
-        value_ci = bootstrap_ci(lambda idx: np.ptp(cols[idx].mean(axis=0)), cols.shape[0],
-                                self.bootstrap, self.seed, self.level)[0]
+        # one set of resampled means gives both intervals (the resamples of the shared bootstrap)
+        draws = bootstrap_mean_draws(cols, self.bootstrap, self.seed)
+        ci = percentile_interval(draws, self.level)  # NaN bounds without resamples
+        value_ci = percentile_interval(np.ptp(draws, axis=1), self.level)
         dep = np.array([float(ev.subsets[only(ev, m)].double().abs().mean(0).sum()) for m in ev.modalities])
         t, w = udml_weights(sigma, dep)
         return self.result(

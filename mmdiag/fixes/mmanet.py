@@ -94,7 +94,8 @@ class MMANet(Fix):
 
     Cost: per step one head call for the dropout outputs, a teacher forward (no grad) and a B x B
     Gram pair; with ``mar_on="all"`` one head call per weak combination. Per mining epoch one encoder
-    pass and 2^M - 1 head calls over the held-out rows. Memory: one copy of the model.
+    pass and 2^M - 1 head calls over the held-out rows. Memory: one copy of the model (none with
+    ``lambda_mad=0``).
 
     Source: shicaiwei123/MMANet-CVPR2023, ``classification/loss/kd/mad.py``,
     ``classification/lib/model_develop.py`` (train_knowledge_distill_patch_feature_auxi_weak),
@@ -159,6 +160,10 @@ class MMANet(Fix):
             s["begin"] = self.begin_epoch if self.begin_epoch is not None else min(5, ctx.epochs // 4)
         rows = ctx.hold_out(self.holdout_fraction, self.seed) if ctx.train_data is not None else ()
         s["held"] = bool(rows)
+        self._ctx_bits = {"masks": masks, "probs": probs, "rows": tuple(rows), "head": head_module(ctx.adapter),
+                          "teacher_head": None, "teacher_adapter": None}
+        if self.lambda_mad <= 0:  # no distillation: no copy of the model
+            return
         teacher = copy.deepcopy(unwrap(ctx.adapter.model)).eval()
         teacher.requires_grad_(False)
         pending = s.get("teacher_weights")
@@ -166,9 +171,8 @@ class MMANet(Fix):
             teacher.load_state_dict(pending)
             s["teacher_weights"] = None
         self._teacher_model = teacher
-        self._ctx_bits = {"masks": masks, "probs": probs, "rows": tuple(rows),
-                          "head": head_module(ctx.adapter), "teacher_head": head_module(ctx.adapter, teacher),
-                          "teacher_adapter": plain_adapter(ctx.adapter, teacher)}
+        self._ctx_bits.update(teacher_head=head_module(ctx.adapter, teacher),
+                              teacher_adapter=plain_adapter(ctx.adapter, teacher))
 
     def _candidates(self) -> list[int]:
         masks, probs = self._ctx_bits["masks"], self._ctx_bits["probs"]
@@ -180,8 +184,8 @@ class MMANet(Fix):
         held-out rows, the first weak-combination scores (of the starting model, i.e. the teacher)."""
         s, bits = self._s, self._ctx_bits
         stats = None
-        if bits["rows"]:
-            stats = self._evaluate(ctx, bits["teacher_adapter"])
+        if bits["rows"]:  # the starting model: the teacher copy, or the model itself before its first update
+            stats = self._evaluate(ctx, bits["teacher_adapter"] or plain_adapter(ctx.adapter))
             correct, n, majority = stats["full_correct"], stats["n"], stats["majority"]
         else:
             labels = step.labels
@@ -190,7 +194,9 @@ class MMANet(Fix):
             red = ctx.all_reduce_sum(torch.cat([torch.tensor([hit], dtype=torch.float64), counts]))
             correct, n, majority = float(red[0]), float(red[1:].sum()), float(red[1:].max() / red[1:].sum())
         trained = not untrained(correct, n, majority)
-        if self.teacher == "start" or (self.teacher == "auto" and trained):
+        if self._teacher_model is None:
+            s["teacher_mode"] = "none"
+        elif self.teacher == "start" or (self.teacher == "auto" and trained):
             s["teacher_mode"] = "start"
         elif self.teacher == "begin" or s["begin"] > 0:
             s["teacher_mode"] = "begin"
@@ -376,9 +382,7 @@ class MMANet(Fix):
     # ------------------------------------------------------------------ teardown, state, signals
     def teardown(self, ctx: FixContext) -> None:
         self._pending = None
-        if self._teacher_model is not None:
-            self._s["teacher_weights"] = {k: v.detach().clone() for k, v in self._teacher_model.state_dict().items()}
-        self._teacher_model = None
+        self._teacher_model = None  # the copy is freed: checkpoints written during training hold its weights
         self._ctx_bits = {}
         ctx.held_out = ()
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mmdiag.adapter import find_module, unwrap
 from mmdiag.errors import ConfigError
-from mmdiag.fixes._common import check_range
+from mmdiag.fixes._common import check_range, require_encoders
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 
 MODES = ("ogm_ge", "ogm")
@@ -110,6 +110,11 @@ class OGMGE(Fix):
             )
 
     # ------------------------------------------------------------------ readouts
+    def setup(self, ctx: FixContext) -> None:
+        # refuse a black box here, before any training step, rather than at the first after_backward
+        require_encoders(ctx, self.name)
+        super().setup(ctx)
+
     def _head(self, ctx: FixContext) -> nn.Module | None:
         if not ctx.adapter.head:
             return None

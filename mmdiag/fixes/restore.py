@@ -23,7 +23,7 @@ from mmdiag.fixes._common import check_range, require_encoders
 from mmdiag.fixes.base import Fix, FixContext, Step, register_fix
 from mmdiag.pooling import pool
 
-#: the translator's file format (``restore.json``), raised when the layout of the files changes
+#: the version of the translator's files (``restore.json``), bumped when their layout changes
 FORMAT = 1
 
 
@@ -238,9 +238,8 @@ class Restore(Fix):
     §17.4; no code or body text was available). Per step, each sample gets a combination of
     present modalities (uniform over the non-empty ones by default; per-modality ``missing`` rates
     or an explicit ``combinations`` distribution, read by :mod:`mmdiag.fixes._combinations` as for
-    ``mmanet``);
-    the :class:`Translator` estimates every modality m from the others' encoder outputs, masked by
-    that combination, and the loss is
+    ``mmanet``); the :class:`Translator` estimates every modality m from the others' encoder
+    outputs, masked by that combination, and the loss is
 
         CE(fused) + lambda_restored · CE(head on restored features)
                   + lambda_rec · Σ_m MSE(T_m(h_−m), sg(h_m)) + lambda_align · Σ_m MMD²(T_m(h_−m), sg(h_m))
@@ -258,6 +257,8 @@ class Restore(Fix):
     Signals: ``rec.<m>``, ``align.<m>`` (epoch means of the two terms) and ``acc.restored``
     (training accuracy of the head on restored features). Under torch.distributed the
     translator's gradients are averaged over the processes (it is not wrapped by DDP).
+
+    Nothing is installed on the model, so ``teardown`` has nothing to remove.
 
     Cost: 1F + 1B per step, one extra fusion-head call, the translator (M small MLPs).
     """

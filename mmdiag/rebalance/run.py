@@ -25,12 +25,20 @@ from mmdiag.specs import AdapterSpec, AnalysisSpec, TrainSpec
 from mmdiag.stats import bootstrap_mean_ci
 from mmdiag.train import CHECKPOINT, History, TrainProgress, fit
 
-__all__ = ["DEFAULT_TRAINING", "INITS", "PhaseFn", "rebalance"]
+__all__ = ["DEFAULT_TRAINING", "INITS", "AnalysisProgress", "PhaseFn", "choice_line", "rebalance"]
 
 #: Ways to initialise the retrained model.
 INITS = ("scratch", "checkpoint")
 
-PhaseFn = Callable[[str, "TrainProgress | None"], None]
+PhaseFn = Callable[[str, "TrainProgress | AnalysisProgress | None"], None]
+
+
+@dataclass(frozen=True)
+class AnalysisProgress:
+    """Rows evaluated so far by an analysis phase (``total`` None when unknown)."""
+
+    done: int
+    total: int | None
 
 #: The training budget of :func:`rebalance` when it is given no :class:`~mmdiag.specs.TrainSpec`
 #: (the defaults of ``mmdiag rebalance``).
@@ -101,8 +109,10 @@ class _Session:
         """``stage`` with the analysis of its model on the validation data (the training data without)."""
         self.phase(f"analyze {name}")
         data = self.val_ds if self.val_ds is not None else self.train_ds
+        rows = None if self.progress is None else (
+            lambda _stage, done, total: self.phase(f"analyze {name}", AnalysisProgress(done, total)))
         report, ev = analyze_with(stage.model, data, self.adapter, self.analysis,  # type: ignore[arg-type,misc]
-                                  settings={**self.extra, "stage": name}, return_evidence=True)
+                                  settings={**self.extra, "stage": name}, return_evidence=True, progress=rows)
         boot, seed = self.analysis.bootstrap, self.analysis.seed
         ci = [float(x) for x in bootstrap_mean_ci(ev.correct().numpy(), boot, seed)] if boot > 0 else None
         return dataclasses.replace(stage, report=report, ci=ci)
@@ -220,6 +230,7 @@ def _run(s: _Session, fix: str | Fix, fix_params: Mapping[str, Any] | None, base
     fix_obj, choice, base = _choose(s, fix, fix_params, before.report, baseline)
     baseline = baseline or base.model is not None
     _note_choice(s, fix_obj, choice)
+    s.phase(choice_line(fix_obj.name, choice))  # said before the (long) training, not after
     if s.out is not None and main:
         write_json(s.out / "fix.json", {**choice, "fix": fix_obj.name, "params": fix_obj.params(),
                                           "summary": type(fix_obj).summary, "settings": s.extra})
@@ -280,3 +291,11 @@ def _note_choice(s: _Session, fix_obj: Fix, choice: Mapping[str, Any]) -> None:
         s.notes.append(f"{fix_obj.name} acts by rescaling gradients, and {optimizer} normalises each "
                        "parameter's gradient scale, which cancels most of that; the method was designed "
                        "for SGD (try `optimizer='sgd'`)")
+
+
+def choice_line(fix: str, choice: Mapping[str, Any]) -> str:
+    """``fix auto -> arl: the verdict recommends arl`` and the verdict's reasons, one a line."""
+    if choice.get("requested") != "auto":
+        return f"fix {fix}: {choice.get('note')}"
+    reasons = "".join(f"\n  - {r}" for r in choice.get("reasons") or [])
+    return f"fix auto -> {fix}: {choice.get('note')}{reasons}"

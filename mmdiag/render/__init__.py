@@ -54,7 +54,7 @@ def parse_formats(formats: str | Iterable[str] | None) -> tuple[str, ...]:
 
 
 def write_outputs(report: Report, out: Path, *, per_sample: Mapping[str, Result] | None = None,
-                  formats: str | Iterable[str] | None = DEFAULT_FORMATS, dpi: int = 90) -> list[Path]:
+                  formats: str | Iterable[str] | None = DEFAULT_FORMATS, dpi: int | None = None) -> list[Path]:
     """Write the report's renderings into ``out`` and return the files written.
 
     Args:
@@ -62,7 +62,7 @@ def write_outputs(report: Report, out: Path, *, per_sample: Mapping[str, Result]
         out: the output folder (created).
         per_sample: results whose per-sample columns go to ``per_sample.csv`` (with ``csv``).
         formats: any of ``json``, ``csv``, ``html``, ``md``, ``png`` (default: json, csv, html, png).
-        dpi: resolution of the plots (90 keeps ``report.html`` small).
+        dpi: resolution of the plots (default :data:`mmdiag.render.canvas.DEFAULT_DPI`).
     """
     chosen = parse_formats(formats)
     out = Path(out)

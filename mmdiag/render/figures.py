@@ -19,8 +19,11 @@ from matplotlib.figure import Figure
 
 from mmdiag.diagnostics.base import contribution_measures, declared
 from mmdiag.registry import Registry
-from mmdiag.render.canvas import HEAT_CMAP, NEUTRAL, bars, new_figure, num, pad_ylim, style, suptitle
+from mmdiag.render.canvas import (HEAT_CMAP, NEUTRAL, SMALL, axis_label, bars, new_figure, num, pad_ylim,
+                                  short_scale, style, suptitle)
 from mmdiag.report import Report, Result, interval
+from mmdiag.render.html import cell_label, cells_of
+from mmdiag.report_text import ordered_names, too_wide
 
 #: draw(result, modalities in report order, modality -> colour) -> a figure, or None without data
 Draw = Callable[[Result, Sequence[str], Mapping[str, str]], "Figure | None"]
@@ -72,16 +75,18 @@ def modalities_of(report: Report) -> list[str]:
 
 
 def fig_contributions(report: Report, colors: Mapping[str, str]) -> Figure | None:
-    """The registered contribution measures the report holds, side by side (in registry order)."""
-    present = [n for n in contribution_measures()
-               if n in report.diagnostics and any(num(v) is not None for v in report.diagnostics[n].per_modality.values())]
+    """The registered contribution measures the report holds, side by side (in reading order), each
+    panel's y axis labelled with what its values are (the diagnostic's declared scale)."""
+    measures = set(contribution_measures())
+    present = [n for n in ordered_names(report) if n in measures
+               and any(num(v) is not None for v in report.diagnostics[n].per_modality.values())]
     if not present:
         return None
     mods = modalities_of(report)
-    panel_w = 0.5 * len(mods) + 1.3
-    ncols = max(1, min(len(present), int(11.5 // panel_w)))
+    panel_w = 0.45 * len(mods) + 1.6
+    ncols = max(1, min(len(present), int(10.4 // panel_w)))
     nrows = math.ceil(len(present) / ncols)
-    fig = new_figure(max(4.0, panel_w * ncols + 0.4), 3.2 * nrows + 0.4)
+    fig = new_figure(max(4.0, panel_w * ncols + 0.2), 3.1 * nrows + 0.4)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(present):]:
         ax.set_visible(False)
@@ -91,46 +96,58 @@ def fig_contributions(report: Report, colors: Mapping[str, str]) -> Figure | Non
         bars(ax, ms, [num(res.per_modality[m]) for m in ms], [(res.ci or {}).get(m) for m in ms],
              [colors[m] for m in ms], annotate=len(ms) <= 4)
         ax.set_xticks(range(len(ms)), ms, rotation=0 if len(ms) <= 3 else 40, ha="center" if len(ms) <= 3 else "right",
-                      fontsize=8)
+                      fontsize=9.5)
         ax.axhline(0, color="#444444", linewidth=0.8)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name, fontsize=11, fontweight="bold")
+        axis_label(ax, short_scale(_scale(name)) or name, 2.2)
         style(ax)
         pad_ylim(ax)
-    suptitle(fig, "Contribution measures side by side (each on its own scale; compare the rankings)", fontsize=10)
+    suptitle(fig, "Contribution measures side by side: each on its own scale (y axis), compare the rankings",
+             fontsize=11)
     return fig
 
 
 # --------------------------------------------------------------------------- per diagnostic
 
 
-@register_figure("modality_bars", "{name}_bars", "{name}: per-modality values with 95% intervals")
+@register_figure("modality_bars", "{name}_bars", "{name}: per-modality values (whiskers: 95% intervals)")
 def fig_modality_bars(res: Result, modalities: Sequence[str], colors: Mapping[str, str]) -> Figure | None:
-    """Per-modality values of one diagnostic with their bootstrap-interval whiskers."""
+    """Per-modality values of one diagnostic with their bootstrap-interval whiskers; the y axis says
+    what the values are, mirrored cells are named 'without <modality>', a chance line is named below
+    the axis (never over the bars) and intervals too wide to read are said so in the title."""
     mods = [m for m in modalities if m in res.per_modality]
     if not mods:
         return None
     values = [num(res.per_modality.get(m)) for m in mods]
     if all(v is None for v in values):
         return None
-    fig = new_figure(max(3.6, 0.8 * len(mods) + 2.2), 3.3)
+    cells = cells_of(res.name, res)
+    labels = [cell_label(m, cells) for m in mods]
+    fig = new_figure(max(4.6, (1.2 if cells else 0.9) * len(mods) + 2.4), 3.7)
     ax = fig.add_subplot()
-    bars(ax, mods, values, [(res.ci or {}).get(m) for m in mods], [colors[m] for m in mods])
-    ax.set_xticks(range(len(mods)), mods, rotation=0 if len(mods) <= 4 else 30, ha="center" if len(mods) <= 4 else "right")
+    bars(ax, labels, values, [(res.ci or {}).get(m) for m in mods], [colors[m] for m in mods])
+    tilt = len(mods) > 4 or (cells and len(mods) > 3)
+    ax.set_xticks(range(len(mods)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.axhline(0, color="#444444", linewidth=0.8)
     chance = num((res.details or {}).get("chance")) if isinstance(res.details, Mapping) else None
     if chance is not None and _scale(res.name) == "accuracy":  # a chance line on an accuracy scale
-        ax.axhline(chance, color=NEUTRAL, linestyle="--", linewidth=1, zorder=4)
-        ax.annotate(f"chance {chance:.2f}", (0.01, chance), xycoords=("axes fraction", "data"), ha="left",
-                    va="bottom", fontsize=8, color="#333333", zorder=5,
-                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+        ax.axhline(chance, color=NEUTRAL, linestyle="--", linewidth=1.1, zorder=4)
+        ax.set_xlabel(f"dashed line: chance level ({chance:.2f})", fontsize=SMALL + 0.5, color="#444444")
+    lines = [f"{res.name} per modality"]
     head = num(res.value)
-    sub = ""
     if head is not None:
         iv = interval(res.value_ci)
-        sub = f"headline {head:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else "")
-    direction = {True: "higher is better", False: "lower is better"}.get(res.higher_is_better, "")  # type: ignore[arg-type]
-    ax.set_title(f"{res.name}: per modality, 95% interval" + (f"\n{sub}" if sub else ""), fontsize=10)
-    ax.set_ylabel(res.name + (f" ({direction})" if direction else ""), fontsize=9)
+        word = f": {res.headline} =" if res.headline else ""
+        lines.append(f"headline{word} {head:.3f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""))
+    if any(too_wide(res, m) for m in mods):
+        lines.append("intervals too wide to read: no finding")
+    suptitle(fig, "\n".join(lines), fontsize=10.5)
+    scale = short_scale(_scale(res.name))
+    if scale:
+        axis_label(ax, scale + (" without the modality" if cells == "without" else ""), 3.1 - 0.2 * len(lines))
+    else:
+        direction = {True: "higher is better", False: "lower is better"}.get(res.higher_is_better, "")  # type: ignore[arg-type]
+        axis_label(ax, res.name + (f" ({direction})" if direction else ""), 3.1 - 0.2 * len(lines))
     style(ax)
     pad_ylim(ax)
     return fig
@@ -168,13 +185,13 @@ def fig_combinations(res: Result, modalities: Sequence[str], colors: Mapping[str
     ax_m.scatter(xs_out, ys_out, s=70, color="#E4E4E4", linewidths=0, zorder=3)
     ax_m.scatter(xs_in, ys_in, s=70, c=cs_in, edgecolors="#333333", linewidths=0.5, zorder=3)
     ax_m.set_xticks(range(len(mods)), mods, rotation=40 if len(mods) > 3 else 0, ha="right" if len(mods) > 3 else "center",
-                    fontsize=8)
+                    fontsize=9.5)
     if n > 15:  # long lists: repeat the modality names on top
         ax_m.tick_params(axis="x", labeltop=True)
     ax_m.set_xlim(-0.6, len(mods) - 0.4)
     ax_m.set_yticks([])
     ax_m.set_ylim(n - 0.5, -0.5)
-    ax_m.set_title("modalities present", fontsize=9)
+    ax_m.set_title("modalities present", fontsize=10)
     for s in ax_m.spines.values():
         s.set_visible(False)
     values = np.array([[v if v is not None else np.nan] for _, v in entries], dtype=float)
@@ -183,12 +200,12 @@ def fig_combinations(res: Result, modalities: Sequence[str], colors: Mapping[str
     for i, (name, v) in enumerate(entries):
         iv = interval(cis.get(name)) if isinstance(cis, Mapping) else None
         text = "n/a" if v is None else f"{v:.3f}" + (f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else "")
-        ax_h.text(0, i, text, ha="center", va="center", fontsize=8,
+        ax_h.text(0, i, text, ha="center", va="center", fontsize=9.5,
                   color="white" if v is not None and v < 0.6 else "black")
     ax_h.set_xticks([])
     ax_h.tick_params(axis="y", left=False, labelleft=False)
     ax_h.set_ylim(n - 0.5, -0.5)
-    ax_h.set_title("accuracy [95% interval]", fontsize=9)
+    ax_h.set_title("accuracy [95% interval]", fontsize=10)
     fig.colorbar(img, ax=ax_h, fraction=0.08, pad=0.02, label="accuracy")
     chance = num((res.details or {}).get("chance"))
     weakest = (res.details or {}).get("weakest")
@@ -230,13 +247,13 @@ def fig_per_class(res: Result, modalities: Sequence[str], colors: Mapping[str, s
         for i in range(len(mods)):
             for j in range(len(classes)):
                 v = values[i, j]
-                ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=SMALL,
                         color="white" if not np.isnan(v) and v < 0.6 else "black")
     step = max(1, len(classes) // 30)
-    ax.set_xticks(range(0, len(classes), step), classes[::step], fontsize=8)
-    ax.set_yticks(range(len(mods)), mods, fontsize=9)
+    ax.set_xticks(range(0, len(classes), step), classes[::step], fontsize=9.5)
+    ax.set_yticks(range(len(mods)), mods, fontsize=10)
     ax.set_xlabel("class")
-    ax.set_title("Per-class accuracy with one modality alone", fontsize=10)
+    ax.set_title("Per-class accuracy with one modality alone", fontsize=11)
     fig.colorbar(img, ax=ax, fraction=0.05, pad=0.02, label="accuracy")
     return fig
 
@@ -284,8 +301,8 @@ def fig_udml_calibration(res: Result, modalities: Sequence[str], colors: Mapping
         ax.fill_between(lv, mean - std, mean + std, color=col, alpha=0.18, linewidth=0)
     ax.set_xlabel("injected noise level")
     ax.set_ylabel("predicted noise level (mean ± std)")
-    ax.set_title(f"{res.name}: noise estimator calibration", fontsize=10)
-    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(f"{res.name}: noise estimator calibration", fontsize=11)
+    ax.legend(fontsize=9, frameon=False)
     style(ax)
     return fig
 
@@ -331,8 +348,8 @@ def fig_perceptual(res: Result, modalities: Sequence[str], colors: Mapping[str, 
             ax.scatter(xs, series[m], s=14, color=colors.get(m, NEUTRAL), edgecolors="#222222", linewidths=0.4, zorder=3)
         ax.set_xticks(range(len(ms)), ms)
         ax.axhline(0, color="#444444", linewidth=0.8)
-        ax.set_ylabel(f"perceptual score ({key})", fontsize=9)
-        ax.set_title(f"{res.name}: spread over permutations", fontsize=10)
+        axis_label(ax, f"{short_scale(_scale(res.name)) or 'perceptual score'} ({key.replace('_', ' ')})", 2.6)
+        ax.set_title(f"{res.name}: spread over permutations", fontsize=11)
         style(ax)
         return fig
     std = None
@@ -352,7 +369,7 @@ def fig_perceptual(res: Result, modalities: Sequence[str], colors: Mapping[str, 
     bars(ax, ms, vals, [[v - s, v + s] for v, s in zip(vals, sds)], [colors.get(m, NEUTRAL) for m in ms])
     ax.set_xticks(range(len(ms)), ms)
     ax.axhline(0, color="#444444", linewidth=0.8)
-    ax.set_ylabel("perceptual score (mean ± std over permutations)", fontsize=9)
-    ax.set_title(f"{res.name}: spread over permutations", fontsize=10)
+    axis_label(ax, f"{short_scale(_scale(res.name)) or 'perceptual score'} (mean ± std over permutations)", 2.6)
+    ax.set_title(f"{res.name}: spread over permutations", fontsize=11)
     style(ax)
     return fig

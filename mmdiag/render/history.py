@@ -8,9 +8,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mmdiag.render.canvas import (DEFAULT_DPI, NEUTRAL, bars, modality_colors, new_figure, num, pad_ylim, save_figure,
-                                  style, suptitle)
+from mmdiag.render.canvas import (DEFAULT_DPI, NEUTRAL, SMALL, bars, modality_colors, new_figure, num, pad_ylim,
+                                  save_figure, style, styled, suptitle)
+from mmdiag.diagnostics.base import declared
+from mmdiag.render.html import cell_label
 from mmdiag.report import interval
+from mmdiag.report_text import OLDER_REPORT_CELLS
 
 
 def _records(frame: Any) -> list[dict[str, Any]]:
@@ -26,6 +29,7 @@ def _records(frame: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in frame]
 
 
+@styled()
 def plot_training_dynamics(history_frame: Any, path: str | Path, modalities: Sequence[str] | None = None,
                            dpi: int = DEFAULT_DPI, title: str = "Training dynamics") -> Path | None:
     """Per-epoch loss/accuracy, per-modality unimodal accuracy and every per-modality signal.
@@ -93,14 +97,20 @@ def plot_training_dynamics(history_frame: Any, path: str | Path, modalities: Seq
     for ax, (ptitle, lines) in zip(axes, panels):
         for label, ys, col, ls in lines:
             ax.plot(xs, ys, color=col, linestyle=ls, marker="o", markersize=2.5, linewidth=1.5, label=label)
-        ax.set_title(ptitle, fontsize=10)
-        ax.set_xlabel("epoch", fontsize=9)
-        ax.legend(fontsize=7, frameon=False)
+        ax.set_title(ptitle, fontsize=11)
+        ax.set_xlabel("epoch", fontsize=10)
+        ax.legend(fontsize=SMALL, frameon=False)
         style(ax)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     suptitle(fig, title, fontsize=11)
     return save_figure(fig, path, dpi)
+
+
+def _declared_cells(name: str) -> str:
+    """What a diagnostic's per-modality cells are ('without' for combinations), '' for most."""
+    cls = declared(name)
+    return (cls.cells if cls is not None else "") or OLDER_REPORT_CELLS.get(name, "")
 
 
 def _row_get(row: Any, *names: str) -> Any:
@@ -122,6 +132,7 @@ def _row_ci(row: Any, side: str) -> list[float] | None:
     return [lo, hi] if interval([lo, hi]) else None
 
 
+@styled()
 def plot_before_after(rows: Iterable[Any], path: str | Path, labels: tuple[str, str] = ("before", "after"),
                       modalities: Sequence[str] | None = None, dpi: int = DEFAULT_DPI,
                       title: str | None = None) -> Path | None:
@@ -166,6 +177,8 @@ def plot_before_after(rows: Iterable[Any], path: str | Path, labels: tuple[str, 
     for ax, (diag, rs) in zip(axes, panels):
         names = [str(_row_get(r, "modality") or "headline") for r in rs]
         cols = [colors.get(n, NEUTRAL) for n in names]
+        cells = _declared_cells(diag)
+        names = [cell_label(n, cells) if _row_get(r, "modality") else n for n, r in zip(names, rs)]
         va = [num(_row_get(r, "value_a", "before")) for r in rs]
         vb = [num(_row_get(r, "value_b", "after")) for r in rs]
         bars(ax, names, va, [_row_ci(r, "a") for r in rs], cols, annotate=False, offset=-0.2, width=0.38,
@@ -178,9 +191,9 @@ def plot_before_after(rows: Iterable[Any], path: str | Path, labels: tuple[str, 
                           [iv[1] for iv in (interval(_row_ci(r, "a")), interval(_row_ci(r, "b"))) if iv])
                 ax.annotate("*", (j, top), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=12)
         ax.set_xticks(range(len(names)), names, rotation=0 if len(names) <= 3 else 35,
-                      ha="center" if len(names) <= 3 else "right", fontsize=8)
+                      ha="center" if len(names) <= 3 else "right", fontsize=9.5)
         ax.axhline(0, color="#444444", linewidth=0.8)
-        ax.set_title(diag, fontsize=10)
+        ax.set_title(diag, fontsize=11)
         style(ax)
         pad_ylim(ax)
     for ax in axes[len(panels):]:
@@ -189,7 +202,7 @@ def plot_before_after(rows: Iterable[Any], path: str | Path, labels: tuple[str, 
 
     handles = [Patch(facecolor="#BBBBBB", hatch="///", alpha=0.6, edgecolor="#333333", label=labels[0]),
                Patch(facecolor="#555555", edgecolor="#333333", label=labels[1])]
-    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=9, frameon=False)
     suptitle(fig, title or f"{labels[0]} vs {labels[1]} (hatched: {labels[0]}; * = intervals do not overlap)",
-             fontsize=10)
+             fontsize=11)
     return save_figure(fig, path, dpi)

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from mmdiag.diagnostics.base import declared
 from mmdiag.io import write_atomic
 from mmdiag.render.canvas import (DEFAULT_DPI, EXTRA, HEAT_CMAP, NEUTRAL, OKABE_ITO, figure_png, modality_colors,
-                                  new_figure, save_figure)
+                                  new_figure, save_figure, styled)
 from mmdiag.render.figures import (FIGURES, FigureSpec, fig_combinations, fig_contributions, fig_modality_bars,
                                    fig_per_class, fig_perceptual, fig_udml_calibration, modalities_of,
                                    register_figure)
@@ -71,13 +71,14 @@ def _plan(report: Report, mods: list[str], colors: Mapping[str, str]) -> list[tu
     return plan
 
 
-def report_plots(report: Report, out_dir: str | Path | None = None, dpi: int = DEFAULT_DPI) -> PlotSet:
+def report_plots(report: Report, out_dir: str | Path | None = None, dpi: int | None = None) -> PlotSet:
     """Draw every plot the report has data for; write ``out_dir/<key>.png`` when a folder is given.
 
     The figures of a result are those its diagnostic declares (``Diagnostic.figures``, names of
     :data:`~mmdiag.render.figures.FIGURES`); a result this installation has no class for gets the
-    per-modality bars.
+    per-modality bars. ``dpi`` defaults to :data:`~mmdiag.render.canvas.DEFAULT_DPI`.
     """
+    dpi = dpi or DEFAULT_DPI
     mods = modalities_of(report)
     colors = modality_colors(mods)
     out = PlotSet()
@@ -89,11 +90,12 @@ def report_plots(report: Report, out_dir: str | Path | None = None, dpi: int = D
             continue
         fig = None
         try:
-            fig = build()
-            if fig is None:
-                out.skipped[key] = "no data for this plot in the report"
-                continue
-            png = figure_png(fig, dpi)
+            with styled():
+                fig = build()
+                if fig is None:
+                    out.skipped[key] = "no data for this plot in the report"
+                    continue
+                png = figure_png(fig, dpi)
         except Exception as exc:  # a malformed detail must not break the report
             out.skipped[key] = f"could not be drawn: {type(exc).__name__}: {exc}"
             continue

@@ -55,8 +55,9 @@ def test_independent_rates_known_answer():
     # cost Q(S) (A(all) - A(S)): a 1/9 * .5, b 4/9 * .75: b costs most
     assert d["cost"] == pytest.approx({"a": 0.5 / 9, "b": 3.0 / 9, "a+b": 0.0})
     assert d["worst"] == "b" and d["worst_accuracy"] == pytest.approx(0.25)
-    # a never missing: a+b gets .4 + .4, a alone .1 + .1 -> .8 + .1 = .9; b never missing: .5 + .5 * .25
-    assert res.per_modality == pytest.approx({"a": 0.9 - expected, "b": 0.625 - expected})
+    # a never missing (the served requests): b alone becomes a+b -> 8/9 * 1 + 1/9 * .5;
+    # b never missing: a alone becomes a+b -> 5/9 * 1 + 4/9 * .25
+    assert res.per_modality == pytest.approx({"a": 8.5 / 9 - expected, "b": 6.0 / 9 - expected})
     assert d["expected_empty_at_chance"] == pytest.approx(0.9 * expected + 0.1 * 0.5)
     assert d["distribution"] == "missing" and d["missing_rates"] == {"a": 0.5, "b": 0.2}
     assert d["full_accuracy"] == 1.0 and d["drop"] == pytest.approx(1.0 - expected)
@@ -77,21 +78,25 @@ def test_uniform_without_a_distribution_says_so():
 
 
 def reference(ev: Evidence, rates: dict[str, float]) -> tuple[float, dict[str, float]]:
-    """Slow and plain: loop over the combinations and rows; L_m by setting m's rate to 0."""
-    def expected(r: dict[str, float]) -> float:
+    """Slow and plain: loop over the present/missing patterns; the all-missing one is left out and
+    the rest renormalised; for L_m the same patterns with m present."""
+    def accuracy(members: list[str]) -> float:
+        z = ev.subsets[mask_of(members, ev.modalities)]
+        return float((z.argmax(-1) == ev.labels).double().mean())
+
+    def expected(add: str | None) -> float:
         total, mass = 0.0, 0.0
         for present in itertools.product([0, 1], repeat=ev.n_modalities):
-            p = np.prod([(1 - r[m]) if on else r[m] for m, on in zip(ev.modalities, present)])
             members = [m for m, on in zip(ev.modalities, present) if on]
             if not members:
                 continue
-            z = ev.subsets[mask_of(members, ev.modalities)]
-            total += p * float((z.argmax(-1) == ev.labels).double().mean())
+            p = float(np.prod([(1 - rates[m]) if on else rates[m] for m, on in zip(ev.modalities, present)]))
+            total += p * accuracy(sorted(set(members) | ({add} if add else set()), key=ev.modalities.index))
             mass += p
-        return total / mass  # the empty combination left out, the rest renormalised
+        return total / mass
 
-    e = expected(rates)
-    return e, {m: expected({**rates, m: 0.0}) - e for m in ev.modalities}
+    e = expected(None)
+    return e, {m: expected(m) - e for m in ev.modalities}
 
 
 @pytest.mark.parametrize("m_count", [2, 3])
@@ -127,7 +132,7 @@ def test_both_forms_parse_and_agree():
 
 
 @pytest.mark.parametrize("missing, combinations, match", [
-    ("rgb=1.5", None, r"must be in \[0, 1\]"),
+    ("rgb=1.5", None, "between 0 and 1"),
     ("rgb=x", None, "must be a number"),
     ("rgb", None, "NAME=VALUE"),
     ("rgb=0.1,rgb=0.2", None, "twice"),
@@ -252,3 +257,17 @@ def test_cli_missing_flag_config_table_and_gate(workspace, tmp_path):
                  "--rule", "deployment >= 0"])
     assert again.exit_code == 0, again.output
     assert json.loads(again.output)["outcomes"][0]["value"] < dep["value"]
+
+
+def test_cli_rebalance_passes_the_distribution_to_its_analyses(workspace, tmp_path):
+    np.savez(tmp_path / "train.npz", **toy_split(DOMINANT, 0)[0])
+    res = run(["rebalance", "--model", f"{workspace}/models.py:toy", "--checkpoint", f"{workspace}/toy.pt",
+               "--data", str(tmp_path / "train.npz"), "--val-data", f"{workspace}/test.npz", "--fix", "ogm_ge",
+               "--epochs", "1", "--device", "cpu", "--bootstrap", "20", "--only", "deployment", "--format", "json",
+               "--quiet", "--missing", "audio=0.4", "--out", str(tmp_path / "rb")])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "rb" / "run.json").read_text())
+    assert saved["tables"]["params"]["deployment"] == {"missing": {"audio": 0.4}}  # kept for --resume
+    for stage in ("before", "after"):
+        dep = json.loads((tmp_path / "rb" / stage / "report.json").read_text())["diagnostics"]["deployment"]
+        assert dep["params"]["missing"] == {"audio": 0.4} and dep["details"]["distribution"] == "missing"

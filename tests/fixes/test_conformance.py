@@ -48,10 +48,8 @@ ACTIVE: dict[str, dict[str, Any]] = {
 FUSIONS = ("concat", "gated")
 #: known bugs, one case each (strict: the mark must go when the fix is fixed)
 KNOWN_BUGS = {
-    ("black_box", "ogm_ge"): "ogm_ge declares needs_encoders but its setup accepts a black box; a user's own loop "
-                             "then fails at the first after_backward (AdapterError: No encoders are known)",
     **{("gloo_aux", n): "auxiliary modules are not synchronised across ranks: only the model is wrapped in "
-                    "DistributedDataParallel, so each rank trains its own copy of ctx.aux on its own shard"
+                        "DistributedDataParallel, so each rank trains its own copy of ctx.aux on its own shard"
        for n in ("cal", "mdacl", "udml")},
 }
 
@@ -258,6 +256,7 @@ def test_identical_ranks_take_the_single_process_decisions(name: str) -> None:
     single = train(make(name), epochs=2, rows=SHORT, on_step=record("single"))
     fix = make(name)
     ranked = train(fix, run=_doubling(make_run(fix)), epochs=2, rows=SHORT, on_step=record("ranked"))
+    assert len(records["single"]) == len(records["ranked"]) == 4
     for (ga, sa, la), (gb, sb, lb) in zip(records["single"], records["ranked"]):
         assert la == pytest.approx(lb, rel=1e-6) and sb == pytest.approx(sa, abs=1e-9)
         for k in ga:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,9 +19,9 @@ import torch.nn.functional as F
 from mmdiag.adapter import ModelAdapter
 from mmdiag.errors import ConfigError
 from mmdiag.fixes import FIXES, Fix, FixContext, fix_step
-from mmdiag.fixes._combinations import (all_masks, combination_distribution, draw, histogram_kl, parse_combinations,
-                                        parse_missing)
+from mmdiag.fixes._combinations import all_masks, combination_distribution, draw, histogram_kl, mask_distribution
 from mmdiag.fixes.mmanet import MMANet, gram, mad_loss, margin_weights, untrained
+from mmdiag.train import load_training_checkpoint
 from tests.helpers.fixkit import (batch, check_hooks_fire, check_teardown, direction, fit_run, make_run, mean,
                                   roundtrip, toy_model, train)
 from tests.helpers.toys import toy_split, trained_toy
@@ -38,20 +39,20 @@ def test_registered_with_metadata() -> None:
 # ------------------------------------------------------------------------- combination distributions
 def test_missing_rates_give_independent_missingness_without_the_empty_case() -> None:
     mods = ("rgb", "depth")
-    dist = parse_missing("rgb=0.3,depth=0.5", mods)
+    dist = mask_distribution(mods, missing="rgb=0.3,depth=0.5")
     z = 1 - 0.3 * 0.5
     assert dist == pytest.approx({(True, False): 0.7 * 0.5 / z, (False, True): 0.3 * 0.5 / z,
                                   (True, True): 0.7 * 0.5 / z})
-    assert parse_missing({"depth": 1.0}, mods) == {(True, False): 1.0}  # depth always missing
-    three = parse_missing("m0=0.5", ("m0", "m1", "m2"))
+    assert mask_distribution(mods, missing={"depth": 1.0}) == {(True, False): 1.0}  # depth always missing
+    three = mask_distribution(("m0", "m1", "m2"), missing="m0=0.5")
     assert three == pytest.approx({(False, True, True): 0.5, (True, True, True): 0.5})
 
 
 def test_explicit_combinations_and_the_uniform_default() -> None:
     mods = ("rgb", "depth", "ir")
-    dist = parse_combinations("rgb+depth=0.6, depth=0.4", mods)
+    dist = mask_distribution(mods, combinations="rgb+depth=0.6, depth=0.4")
     assert dist == pytest.approx({(True, True, False): 0.6, (False, True, False): 0.4})
-    assert parse_combinations({"depth+rgb": 1}, mods) == {(True, True, False): 1.0}
+    assert mask_distribution(mods, combinations={"depth+rgb": 1}) == {(True, True, False): 1.0}
     probs = combination_distribution("mmanet", mods)
     assert len(probs) == 7 and probs == pytest.approx([1 / 7] * 7)
     masks = all_masks(mods)
@@ -63,16 +64,16 @@ def test_explicit_combinations_and_the_uniform_default() -> None:
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: parse_missing("rgb:0.3", ("rgb", "depth")), "no '='"),
-    (lambda: parse_missing("audio=0.3", ("rgb", "depth")), "audio"),
-    (lambda: parse_missing("rgb=1.5", ("rgb", "depth")), "between 0 and 1"),
-    (lambda: parse_missing("rgb=1,depth=1", ("rgb", "depth")), "at least one"),
-    (lambda: parse_combinations("rgb=0.5,depth=0.4", ("rgb", "depth")), "sum to 1"),
-    (lambda: parse_combinations("rgb+rgb=1", ("rgb", "depth")), "each once"),
+    (lambda: MMANet(missing="rgb:0.3"), "mmanet: .*missing"),
+    (lambda: MMANet(missing="rgb=1.5"), "between 0 and 1"),
+    (lambda: MMANet(combinations="rgb=0.5,depth=0.4"), "sum to 1"),
+    (lambda: MMANet(combinations="rgb+rgb=1"), "twice"),
     (lambda: MMANet(missing="a=0.1", combinations="a=1"), "not both"),
     (lambda: MMANet(teacher="best"), "teacher"),
     (lambda: MMANet(holdout_fraction=1.0), "holdout_fraction"),
     (lambda: MMANet(smoothing=0), "smoothing"),
+    (lambda: combination_distribution("mmanet", ("rgb", "depth"), missing="audio=0.3"), "audio"),
+    (lambda: combination_distribution("mmanet", ("rgb", "depth"), missing="rgb=1,depth=1"), "always missing"),
 ])
 def test_bad_specs_and_parameters_are_config_errors(call: Any, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -187,7 +188,7 @@ def test_mar_on_all_adds_the_weak_readouts_cross_entropy() -> None:
         feats = {m: model.encoders[m](x[m]) for m in ("audio", "visual")}
         z = model.head(torch.cat([torch.zeros_like(feats["audio"]), feats["visual"]], 1))
     assert step.logs["mar"] == pytest.approx(float(F.cross_entropy(z, y)), rel=1e-5)
-    assert float(step.loss.detach()) == pytest.approx(float(F.cross_entropy(step.logits, y)) + 2.0 * step.logs["mar"], rel=1e-5)
+    assert float(step.loss.detach()) == pytest.approx(float(F.cross_entropy(step.logits.detach(), y)) + 2.0 * step.logs["mar"], rel=1e-5)
     fix.teardown(ctx)
 
 
@@ -228,17 +229,42 @@ def test_the_reference_loop_leaves_held_out_rows_out_of_training() -> None:
     assert ctx.hold_out(0.5) == ()  # no training data in the context: nothing held out
 
 
-def test_reference_loop_mines_on_held_out_rows_and_a_trained_start_is_the_teacher() -> None:
+def test_reference_loop_mines_on_held_out_rows_and_a_trained_start_is_the_teacher(tmp_path: Any) -> None:
     model = copy.deepcopy(trained_toy((3.0, 0.8), 0))  # trained_toy is cached: train a copy
     start = {k: v.clone() for k, v in model.state_dict().items()}
     fix = MMANet(begin_epoch=1)
-    _, hist = fit_run(fix, model=model, epochs=2, batch_size=128, validate=False)
+    _, hist = fit_run(fix, model=model, epochs=2, batch_size=128, validate=False, out_dir=tmp_path)
     last = hist.last
     assert last["signal.mined_on"] == "holdout" and last["signal.teacher"] == "start"
     assert last["signal.weak"] == "visual"
-    teacher = fix.state_dict()["teacher_weights"]
+    assert fix.state_dict()["teacher_weights"] is None  # freed at teardown
+    teacher = load_training_checkpoint(tmp_path)["fix"]["teacher_weights"]
     assert all(torch.equal(teacher[k], v) for k, v in start.items())  # the frozen copy of the starting model
     assert not all(torch.equal(model.state_dict()[k], v) for k, v in start.items())
+
+
+@pytest.mark.parametrize("name, params", [("mmanet", {"begin_epoch": 1}), ("dmrnet", {"detect_epochs": 1})])
+def test_ctrl_c_mid_epoch_resumes_exactly_with_held_out_rows(tmp_path: Any, name: str, params: dict) -> None:
+    """The reference loop, Ctrl-C at a batch boundary of epoch 1, resume: the weights of an
+    uninterrupted run (held-out rows, teacher, mining state and the auxiliary head all restored)."""
+    from mmdiag.train import Interrupted, fit
+
+    def run(model: torch.nn.Module, **kw: Any) -> None:
+        fit(ModelAdapter(model, ("audio", "visual")), toy_split()[0], fix=FIXES.get(name)(**params), epochs=3,
+            batch_size=64, device="cpu", seed=0, **kw)
+
+    def interrupt(p: Any) -> None:
+        if p.stage == "batch" and p.epoch == 1 and p.batch == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    straight = toy_model(0)
+    run(straight)
+    with pytest.raises(Interrupted):
+        run(toy_model(0), out_dir=tmp_path, progress=interrupt)
+    resumed = toy_model(7)
+    run(resumed, out_dir=tmp_path, resume=True)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_untrained_start_is_not_a_teacher() -> None:
@@ -261,8 +287,13 @@ def test_without_a_known_head_the_pooled_encoder_outputs_are_the_representation(
 def test_hooks_fire_teardown_is_clean_and_state_round_trips() -> None:
     run = check_hooks_fire(MMANet(begin_epoch=0, mar_on="all"), rows=ROWS)
     check_teardown(lambda: MMANet(begin_epoch=0), rows=ROWS, fusion="gated")
-    new = roundtrip(run.fix)
-    assert set(new.state_dict()["teacher_weights"]) == set(run.model.state_dict())
+    roundtrip(run.fix)
+    live = train(MMANet(begin_epoch=0), epochs=1, rows=ROWS, keep_open=True)
+    try:
+        new = roundtrip(live.fix)  # during training the state holds the teacher's weights
+        assert set(new.state_dict()["teacher_weights"]) == set(live.model.state_dict())
+    finally:
+        live.fix.teardown(live.ctx)
 
 
 def test_three_modalities_train() -> None:

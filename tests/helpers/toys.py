@@ -68,7 +68,8 @@ def _toy_evidence(strength: tuple[float, ...], seed: int, fusion: str, kinds: tu
     adapter = ModelAdapter(model, tuple(names), mask=mask, mask_at=mask_at)  # type: ignore[arg-type]
     # explicit row counts (fractions 1): the reference values were worked out on these subsamples
     settings = CollectSettings(device="cpu", seed=seed, batch_size=128, max_attribution_samples=64,
-                               attribution_fraction=1.0, grad_fraction=1.0, param_grad_fraction=1.0, max_noise_samples=200, ig_steps=16)
+                               attribution_fraction=1.0, grad_fraction=1.0, param_grad_fraction=1.0, noise_fraction=1.0,
+                               max_noise_samples=200, ig_steps=16)
     return collect(adapter, data, set(kinds), settings)
 
 

@@ -1,0 +1,1 @@
+"""mmdiag's performance harness (run it with ``python benchmarks/run.py`` or ``make bench``)."""
