@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mmdiag.io import write_atomic
-from mmdiag.report import Report, interval
+from mmdiag.report_text import LEGEND, summary_rows
+from mmdiag.report import Report
 
 #: settings shown in the Markdown (the HTML report shows them all)
 MAIN_SETTINGS = ("model", "checkpoint", "data", "mask", "mask_at", "seed", "bootstrap", "device")
@@ -27,11 +28,6 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _interval(ci: Any) -> str:
-    iv = interval(ci)
-    return f" [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
 
 
 def render_markdown(report: Report, title: str = "mmdiag report") -> str:
@@ -60,11 +56,9 @@ def render_markdown(report: Report, title: str = "mmdiag report") -> str:
     if report.diagnostics:
         lines.append("| diagnostic | headline | " + " | ".join(_cell(m) for m in report.modalities) + " |")
         lines.append("|---|---:|" + "---:|" * len(report.modalities))
-        for name, res in report.diagnostics.items():
-            cells = [_fmt(res.per_modality.get(m)) + _interval((res.ci or {}).get(m)) for m in report.modalities]
-            head = _fmt(res.value) + _interval(res.value_ci)
-            lines.append(f"| {_cell(name)} | {head} | " + " | ".join(cells) + " |")
-        lines += ["", "Values are point estimates with 95% bootstrap intervals in brackets.", ""]
+        for row in summary_rows(report)[1:1 + len(report.diagnostics)]:  # reading order, labelled
+            lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+        lines += ["", f"Values are point estimates with 95% bootstrap intervals in brackets; {LEGEND}.", ""]
     else:
         lines += ["No diagnostic produced a result.", ""]
     if report.failures:
