@@ -29,7 +29,9 @@ LAYERS = {
     "collect": 4, "train": 4, "specs": 4, "render": 4, "gate": 4, "gate_annotations": 4, "compare": 4, "deploy": 4,
     # the library's entry points
     "api": 5, "rebalance": 6, "demo": 6,
-    "cli": 7, "__main__": 8, "__init__": 8,
+    # adapters to other frameworks (optional dependencies imported only here)
+    "integrations": 7,
+    "cli": 8, "__main__": 9, "__init__": 9,
 }
 WHERE = "LAYERS in tests/test_layering.py (ARCHITECTURE.md, \"Dependency direction\")"
 
@@ -39,6 +41,8 @@ ONLY_IN = {
     "typer": {"cli"},
     "rich": {"cli"},
     "captum": {"collect"},
+    "lightning": {"integrations"},
+    "pytorch_lightning": {"integrations"},
 }
 # mmdiag modules that only some others may import: the demo data stays apart from the core
 IMPORTED_ONLY_BY = {"examples_data": {"demo"}}
