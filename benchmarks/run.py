@@ -36,6 +36,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,6 +67,7 @@ from benchmarks.report import HEADERS, machine, write_markdown, write_plot  # no
 from benchmarks.scaling import bench_scaling, scaling_point  # noqa: E402
 from benchmarks.subsets import bench_subsets  # noqa: E402
 from benchmarks.workload import QUICK, Sizes  # noqa: E402
+from mmdiag.errors import MmdiagWarning  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -91,6 +93,8 @@ def ints(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # the analyses' reading notes (a benchmark model near chance at tiny sizes) are not results
+    warnings.simplefilter("ignore", MmdiagWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.scaling_worker is not None:  # internal: one scaling point in a fresh process

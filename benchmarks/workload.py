@@ -86,13 +86,14 @@ def strengths(m_count: int) -> list[float]:
 
 
 class StreamingDataset(Dataset):
-    """A map-style Dataset that makes sample ``i`` on the fly (class prototype + noise, seeded by i).
+    """A map-style Dataset that makes sample ``i`` on the fly (class prototype + noise, seeded by
+    ``first + i``; the prototypes by ``seed``).
 
     Nothing but the prototypes is held in memory, so the dataset can be as long as wanted.
     """
 
-    def __init__(self, n: int, m_count: int, size: int, n_classes: int = 4, seed: int = 0) -> None:
-        self.n, self.size, self.n_classes, self.seed = n, size, n_classes, seed
+    def __init__(self, n: int, m_count: int, size: int, n_classes: int = 4, seed: int = 0, first: int = 0) -> None:
+        self.n, self.size, self.n_classes, self.seed, self.first = n, size, n_classes, seed, first
         self.modalities = names(m_count)
         g = torch.Generator().manual_seed(seed)
         self.protos = torch.randn(n_classes, m_count, 1, size, size, generator=g)
@@ -102,7 +103,7 @@ class StreamingDataset(Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.first + int(i))
         y = int(torch.randint(self.n_classes, (1,), generator=g))
         x = self.scale[0] * self.protos[y] + torch.randn(len(self.modalities), 1, self.size, self.size, generator=g)
         return {**{m: x[j] for j, m in enumerate(self.modalities)}, "label": torch.tensor(y)}
@@ -119,11 +120,15 @@ def in_memory(n: int, m_count: int, size: int, seed: int = 0) -> Dataset:
 
 
 def make_model(m_count: int, size: int, seed: int = 0, train_steps: int = 60) -> BenchNet:
-    """A briefly trained BenchNet (so that the diagnostics see a model that has learned something)."""
+    """A briefly trained BenchNet (so that the diagnostics see a model that has learned something).
+
+    It trains on the task it is measured on (the prototypes of ``seed``) but on samples the
+    measurements never draw (numbers from 10^9 on).
+    """
     torch.manual_seed(seed)
     model = BenchNet(names(m_count), size=size)
     if train_steps:
-        data = StreamingDataset(64 * train_steps, m_count, size, seed=seed + 99)
+        data = StreamingDataset(64 * train_steps, m_count, size, seed=seed, first=10**9)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         model.train()
         for batch in DataLoader(data, batch_size=64):

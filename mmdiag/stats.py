@@ -90,9 +90,10 @@ def bootstrap_counts(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
             yield chunk if chunk.dtype == np.float64 else chunk.astype(np.float64)
         return
     fits = _sharing > 0 and n * n_boot <= _COUNTS_CACHE_BYTES // 2
-    # a small matrix is kept as float64, so that a dozen diagnostics do not each convert it again
-    # (8 MB at N = 1k); a large one as the compact counts
-    wide = n * n_boot * 8 <= _COUNTS_CACHE_BYTES // 4
+    # a matrix that fits the cache as float64 is kept so (8 MB at N = 1k, 40 MB at N = 5k), so that
+    # a dozen diagnostics do not each convert it again (a 40 MB conversion costs about as much as
+    # the product it feeds); a larger one as the compact counts
+    wide = n * n_boot * 8 <= _COUNTS_CACHE_BYTES
     kept: list[np.ndarray] = []
     for chunk in _counts_chunks(n, n_boot, seed):
         as_float = chunk.astype(np.float64)

@@ -244,7 +244,9 @@ def test_unimodal_accuracy_matches_a_manual_forward_with_the_mask_index(index):
     with torch.no_grad():
         manual = model(torch.full_like(tokens, index), dense)
     order = ev.index.long()
-    torch.testing.assert_close(ev.subsets[mask_of(["dense"], ev.modalities)], manual[order], atol=1e-6, rtol=0)
+    # equal up to float32 rounding: the pass evaluates in batches, the manual forward all rows at once, and
+    # a matrix product's summation order depends on the batch shape (differences of a few ulp on logits ~5)
+    torch.testing.assert_close(ev.subsets[mask_of(["dense"], ev.modalities)], manual[order], atol=1e-5, rtol=1e-6)
     accuracy = float((manual.argmax(1) == torch.as_tensor(data["label"])).double().mean())
     assert report.diagnostics["unimodal"].per_modality["dense"] == pytest.approx(accuracy, abs=1e-6)
     assert f"filled with index {index}" in " ".join(report.settings["adapter"]["notes"])

@@ -56,7 +56,7 @@ closest known one. Ranges:
 | `device` | `auto`, `cpu`, `mps`, `cuda` or `cuda:N` |
 | `trust_checkpoint`, `overwrite`, `per_sample`, `save_evidence`, `run_gate` (`--gate`), `rebalance`'s `baseline` | true or false |
 | `modalities`, `only`, `skip`, `format` | a comma-separated string, or in a config a list of strings |
-| `[collect]` fractions (`grad_fraction`, `param_grad_fraction`, `attribution_fraction`) | number in (0, 1] |
+| `[collect]` fractions (`grad_fraction`, `param_grad_fraction`, `attribution_fraction`, `noise_fraction`) | number in (0, 1] |
 | `[thresholds]` `mild`, `strong`, `probe_gap`, `probe_floor`, `combination_floor` | number in [0, 1] (and `mild <= strong`) |
 | `[params.<diagnostic>]` values | the type of the parameter (see the diagnostic's page) |
 

@@ -60,7 +60,7 @@ class CollectSettings:
     max_grad_samples: int = 2048
     grad_fraction: float = 0.125
     param_grad_fraction: float = 0.0625
-    noise_fraction: float = 1 / 32
+    noise_fraction: float = 1 / 128
     max_noise_samples: int = 1000
     max_attribution_samples: int = 256
     attribution_fraction: float = 1 / 64

@@ -12,11 +12,13 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 from scipy.stats import rankdata, spearmanr
+from threadpoolctl import threadpool_limits
 
 #: standard deviations below this are treated as zero (constant feature).
 _STD_FLOOR = 1e-8
@@ -24,15 +26,18 @@ _STD_FLOOR = 1e-8
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread for the duration (restored afterwards).
+    """Run torch and numpy's BLAS (through ``threadpoolctl``) on one thread for the duration
+    (restored afterwards).
 
     The fits here are thousands of rows by tens of columns: thread start-up costs more than it
-    saves, and on a busy machine several threads per tiny operation slow the fit ten-fold.
+    saves, and on a busy machine several threads per tiny operation slow the fit ten-fold (SciPy's
+    solvers on a multi-threaded BLAS: 20x measured on two busy cores).
     """
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1):
+            yield
     finally:
         torch.set_num_threads(n)
 
@@ -107,80 +112,78 @@ def _logistic_loss(theta: np.ndarray, x: torch.Tensor, onehot: torch.Tensor,
     return loss, torch.cat([grad_w.reshape(-1), resid.sum(dim=0)]).numpy()
 
 
-def _lbfgs_direction(g: np.ndarray, pairs: Sequence[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
-    """-H g for the L-BFGS inverse-Hessian estimate H of the stored (s, y, 1 / s.y) pairs (two loops)."""
-    q = g.copy()
-    alphas = []
-    for s, y, rho in reversed(pairs):
-        a = rho * float(s @ q)
-        q -= a * y
-        alphas.append(a)
-    if pairs:
-        s, y, _ = pairs[-1]
-        q *= float(s @ y) / float(y @ y)
-    else:  # first step: a move of length at most 1 along -g
-        q /= max(float(np.linalg.norm(q)), 1.0)
-    for (s, y, rho), a in zip(pairs, reversed(alphas)):
-        q += (a - rho * float(y @ q)) * s
-    return -q
+def live_columns(x: np.ndarray) -> np.ndarray:
+    """Indices of the columns of ``x`` that are not zero in every row (see :class:`Standardiser`:
+    a constant feature maps to 0)."""
+    return np.flatnonzero(np.any(np.asarray(x) != 0, axis=0))
 
 
-def minimize_lbfgs(fun: Callable[[np.ndarray], tuple[float, np.ndarray]], start: np.ndarray,
-                   max_iter: int, gtol: float = 1e-9, ftol: float = 1e-12, memory: int = 20) -> np.ndarray:
-    """Minimise a smooth convex function by L-BFGS with a backtracking (Armijo) line search.
+#: parameter counts (d + 1) * C up to which the logistic probe is fitted by Newton's method (the
+#: Hessian is built and solved at each step); larger problems use L-BFGS.
+NEWTON_MAX_PARAMS = 400
+#: the fit stops when no gradient entry exceeds this
+GTOL = 1e-9
 
-    ``fun(theta)`` returns (loss, gradient) for a float64 vector. Stops when the largest gradient
-    entry is at most ``gtol``, when an iteration lowers the loss by at most ``ftol`` * max(|loss|,
-    1), or after ``max_iter`` iterations. On a strictly convex function every step has s.y > 0, so
-    every pair is kept (the oldest beyond ``memory`` dropped); a direction that is not a descent
-    direction restarts from the gradient.
+
+def _logistic_hessian(theta: np.ndarray, x: torch.Tensor, weight_decay: float) -> np.ndarray:
+    """Hessian of :func:`_logistic_loss` at ``theta`` (W [d, C] and b [C] flattened, W first).
+
+    With x~ = [x, 1] and p_i = softmax(x~_i Theta), Theta = [W; b] of shape [d + 1, C] (whose
+    row-major flattening is the layout of ``theta``), the Hessian of the mean cross-entropy is
+    mean_i (diag(p_i) - p_i p_i^T) (x) x~_i x~_i^T; the penalty adds 2 weight_decay on W's entries.
     """
-    theta = np.array(start, dtype=np.float64)
-    f, g = fun(theta)
-    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
-    for _ in range(max_iter):
-        if float(np.abs(g).max()) <= gtol:
-            break
-        direction = _lbfgs_direction(g, pairs)
-        slope = float(g @ direction)
-        if slope >= 0:
-            pairs.clear()
-            direction, slope = -g, -float(g @ g)
-        step = 1.0
-        while True:
-            f_new, g_new = fun(theta + step * direction)
-            if f_new <= f + 1e-4 * step * slope or step < 1e-10:
-                break
-            step *= 0.5
-        s, y = step * direction, g_new - g
-        sy = float(s @ y)
-        if sy > 0:
-            pairs = [*pairs[-(memory - 1):], (s, y, 1.0 / sy)]
-        theta = theta + s
-        done = f - f_new <= ftol * max(abs(f), abs(f_new), 1.0)
-        f, g = f_new, g_new
-        if done:
-            break
-    return theta
+    n, d = x.shape
+    c = theta.shape[0] // (d + 1)
+    x1 = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)
+    p = torch.softmax(x1 @ torch.from_numpy(theta).view(d + 1, c), dim=1)
+    u = (x1[:, :, None] * p[:, None, :]).reshape(n, (d + 1) * c)  # u_i[(j, k)] = x~_ij p_ik
+    h = (u.T @ u).neg_()
+    block = (u.T @ x1).view(d + 1, c, d + 1)  # sum_i x~_ij p_ik x~_il
+    classes = torch.arange(c)
+    h.view(d + 1, c, d + 1, c)[:, classes, :, classes] += block.permute(1, 0, 2)
+    h /= n
+    h.diagonal()[:d * c] += 2.0 * weight_decay
+    return h.numpy()
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float,
                  max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression by L-BFGS; returns (W [d, C], b [C]).
+    """Multinomial logistic regression; returns (W [d, C], b [C]).
 
     Minimises mean_i CE(x_i W + b, y_i) + weight_decay * ||W||^2 from W = 0, b = 0. With
     weight_decay > 0 the objective is strictly convex in W, so the fit does not depend on a seed.
-    The loss and its gradient are written out (float64, no autograd graph per evaluation) and
-    minimised by :func:`minimize_lbfgs` (at most ``max_iter`` iterations) on one torch thread.
+    The loss, its gradient and (for small problems) its Hessian are written out (float64, no
+    autograd graph, one torch thread) and minimised by SciPy: a trust-region Newton method
+    (``trust-exact``) when (d + 1) * C is at most :data:`NEWTON_MAX_PARAMS` (a few steps), else
+    L-BFGS-B, in at most ``max_iter`` iterations, until the gradient's largest entry is below
+    :data:`GTOL`. A column that is zero in every
+    row (a constant feature after standardisation) has a zero gradient from W = 0 on, so its
+    weights stay 0: it is left out of the fit and gets zero weights.
     """
-    xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64)
+    live = live_columns(x)
+    xt = torch.as_tensor(np.ascontiguousarray(np.asarray(x, dtype=np.float64)[:, live]))
     onehot = torch.zeros(xt.shape[0], n_classes, dtype=torch.float64)
     onehot[torch.arange(xt.shape[0]), torch.as_tensor(np.asarray(y), dtype=torch.long)] = 1.0
     d = xt.shape[1]
+    start = np.zeros(d * n_classes + n_classes)
     with one_thread():
-        theta = minimize_lbfgs(lambda t: _logistic_loss(t, xt, onehot, weight_decay),
-                               np.zeros(d * n_classes + n_classes), max_iter)
-    return theta[:d * n_classes].reshape(d, n_classes).copy(), theta[d * n_classes:].copy()
+        loss = lambda t: _logistic_loss(t, xt, onehot, weight_decay)  # noqa: E731
+        if (d + 1) * n_classes <= NEWTON_MAX_PARAMS:
+            # the Hessian gets a ridge of 1e-12 of its largest diagonal entry: the softmax does not
+            # depend on a common shift of the class biases, so the exact Hessian is singular there
+            def hessian(t: np.ndarray) -> np.ndarray:
+                h = _logistic_hessian(t, xt, weight_decay)
+                h[np.diag_indices_from(h)] += 1e-12 * max(float(np.diag(h).max()), 1e-300)
+                return h
+            fit = minimize(loss, start, jac=True, hess=hessian, method="trust-exact",
+                           options={"maxiter": max_iter, "gtol": GTOL})
+        else:
+            fit = minimize(loss, start, jac=True, method="L-BFGS-B",
+                           options={"maxiter": max_iter, "gtol": GTOL, "ftol": 1e-12, "maxcor": 20})
+        theta = fit.x
+    w = np.zeros((x.shape[1], n_classes))
+    w[live] = theta[:d * n_classes].reshape(d, n_classes)
+    return w, theta[d * n_classes:].copy()
 
 
 def predict_logistic(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -199,62 +202,78 @@ class NoiseRegressor(torch.nn.Module):
         return torch.exp(0.5 * self.body(x)[:, 0])
 
 
-#: Adam's constants (PyTorch's defaults).
-_BETAS = (0.9, 0.999)
-_EPS = 1e-8
+class _Weights:
+    """A regressor's weights w1 [D, hidden], b1 [1, hidden], w2 [hidden, 1], b2 [1, 1] as views of
+    one flat float32 buffer, and their gradients as views of another (one Adam update of the flat
+    buffer updates every weight). D counts the live inputs only."""
 
-
-class _Stacked:
-    """M regressors' weights [w1 (M, D, hidden), b1 (M, 1, hidden), w2 (M, hidden, 1), b2 (M, 1, 1)]
-    as views of one flat float32 buffer, and their gradients as views of another (one Adam update
-    of the flat buffer updates every weight)."""
-
-    def __init__(self, m_count: int, d: int, hidden: int) -> None:
-        shapes = [(m_count, d, hidden), (m_count, 1, hidden), (m_count, hidden, 1), (m_count, 1, 1)]
+    def __init__(self, model: NoiseRegressor, live: np.ndarray, bias: float) -> None:
+        hidden = model.body[0].out_features
+        shapes = [(len(live), hidden), (1, hidden), (hidden, 1), (1, 1)]
         ends = np.cumsum([0] + [math.prod(shape) for shape in shapes])
         self.flat = torch.zeros(int(ends[-1]))
         self.grad = torch.zeros(int(ends[-1]))
         self.params = [self.flat[a:b].view(shape) for a, b, shape in zip(ends[:-1], ends[1:], shapes)]
         self.grads = [self.grad[a:b].view(shape) for a, b, shape in zip(ends[:-1], ends[1:], shapes)]
+        self.live = torch.as_tensor(live, dtype=torch.long)
+        w1, b1, w2, b2 = self.params
+        w1.copy_(model.body[0].weight.detach().T[self.live])
+        b1.copy_(model.body[0].bias.detach()[None])
+        w2.copy_(model.body[2].weight.detach().T)
+        b2.fill_(bias)
+
+    def write_to(self, model: NoiseRegressor) -> None:
+        """Copy the trained weights into ``model`` (the inputs left out keep their initial weights)."""
+        w1, b1, w2, b2 = self.params
+        with torch.no_grad():
+            model.body[0].weight[:, self.live] = w1.T
+            model.body[0].bias.copy_(b1[0])
+            model.body[2].weight.copy_(w2.T)
+            model.body[2].bias.copy_(b2[0])
 
 
-def _stacked_init(dims: Sequence[int], hidden: int, seeds: Sequence[int],
-                  bias: float) -> tuple[list[NoiseRegressor], _Stacked]:
-    """Each modality's seeded :class:`NoiseRegressor` and their weights stacked along a first axis.
+class _Workspace:
+    """Buffers of one training step (allocated once: a fresh block of this size each step would
+    cost more than the arithmetic)."""
 
-    The inputs of modality j are zero-padded to max(dims) columns; its padded first-layer rows are
-    zero and stay zero (their gradient is zero), so the stacked fit is M separate fits.
-    """
-    models: list[NoiseRegressor] = []
-    for d, seed in zip(dims, seeds):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            models.append(NoiseRegressor(d, hidden))
-    stacked = _Stacked(len(dims), max(dims), hidden)
-    w1, b1, w2, b2 = stacked.params
-    for j, (model, d) in enumerate(zip(models, dims)):
-        w1[j, :d] = model.body[0].weight.detach().T
-        b1[j, 0] = model.body[0].bias.detach()
-        w2[j] = model.body[2].weight.detach().T
-    b2.fill_(bias)
-    return models, stacked
+    def __init__(self, x: torch.Tensor, hidden: int) -> None:
+        n = x.shape[0]
+        self.x, self.x_t = x, x.T.contiguous()
+        self.h = torch.empty(n, hidden)
+        self.mask = torch.empty(n, hidden)
+        self.g_h = torch.empty(n, hidden)
+        self.sigma = torch.empty(n, 1)
+        self.g_o = torch.empty(n, 1)
 
 
-def _noise_gradients(stacked: _Stacked, x: torch.Tensor, x_t: torch.Tensor, target: torch.Tensor,
-                     scale: float) -> None:
-    """Gradients of sum_j mean_i (sigma_ji - t_i)^2 / scale for the stacked regressors, written into
-    ``stacked.grads`` (by hand: the chain rule through exp(0.5 o), the second linear layer, the
-    ReLU and the first layer). ``x_t`` is ``x`` transposed (contiguous)."""
-    w1, b1, w2, b2 = stacked.params
-    g_w1, g_b1, g_w2, g_b2 = stacked.grads
-    h = torch.baddbmm(b1, x, w1).clamp_min_(0.0)  # [M, n, hidden]
-    sigma = torch.baddbmm(b2, h, w2).mul_(0.5).exp_()  # [M, n, 1]
-    g_o = (sigma - target).mul_(sigma).mul_(1.0 / (x.shape[1] * scale))  # 2 (s - t) * 0.5 s / (n scale)
-    g_h = (g_o * w2.transpose(1, 2)).mul_(torch.sign(h))  # sign(h) = 1 where the ReLU passes, else 0
-    torch.bmm(x_t, g_h, out=g_w1)
-    torch.sum(g_h, dim=1, keepdim=True, out=g_b1)
-    torch.bmm(h.transpose(1, 2), g_o, out=g_w2)
-    torch.sum(g_o, dim=1, keepdim=True, out=g_b2)
+def _noise_gradients(weights: _Weights, ws: _Workspace, target: torch.Tensor, scale: float) -> None:
+    """Gradients of mean_i (sigma_i - t_i)^2 / scale, written into ``weights.grads`` (by hand: the
+    chain rule through exp(0.5 o), the second linear layer, the ReLU and the first layer)."""
+    w1, b1, w2, b2 = weights.params
+    g_w1, g_b1, g_w2, g_b2 = weights.grads
+    n, hidden = ws.h.shape
+    h = torch.addmm(b1, ws.x, w1, out=ws.h).clamp_min_(0.0)  # [n, hidden]
+    sigma = torch.addmm(b2, h, w2, beta=0.5, alpha=0.5, out=ws.sigma).exp_()  # exp(0.5 o), [n, 1]
+    g_o = torch.sub(sigma, target, out=ws.g_o).mul_(sigma).mul_(1.0 / (n * scale))  # 2 (s - t) * 0.5 s / (n scale)
+    g_h = torch.mul(g_o, w2.view(1, hidden), out=ws.g_h)
+    g_h.mul_(torch.sign(h, out=ws.mask))  # sign(h) = 1 where the ReLU passes, else 0
+    torch.mm(ws.x_t, g_h, out=g_w1)
+    torch.sum(g_h, dim=0, keepdim=True, out=g_b1)
+    torch.mm(h.T, g_o, out=g_w2)
+    torch.sum(g_o, dim=0, keepdim=True, out=g_b2)
+
+
+def _train(weights: _Weights, x: np.ndarray, target: torch.Tensor, scale: float, steps: int, lr: float) -> None:
+    """Full-batch ``torch.optim.Adam`` (its defaults) on the flat weights, whose gradient is written
+    by :func:`_noise_gradients`; inputs restricted to the live ones."""
+    live = torch.as_tensor(np.asarray(x)[:, weights.live.numpy()], dtype=torch.float32)
+    ws = _Workspace(live, weights.params[0].shape[1])
+    weights.flat.grad = weights.grad  # the optimiser reads the hand-written gradient from .grad
+    opt = torch.optim.Adam([weights.flat], lr=lr)
+    for _ in range(steps):
+        _noise_gradients(weights, ws, target, scale)
+        opt.step()
+    weights.flat.grad = None
 
 
 def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: int, steps: int, lr: float,
@@ -264,33 +283,26 @@ def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: i
     Every ``xs[j]`` has one row per entry of ``target``. Loss of regressor j: mean_i (sigma_ji -
     t_i)^2 / var(t) (the target's variance only rescales the loss). Regressor j's initialisation is
     seeded by ``seeds[j]`` (the global random state is restored afterwards) and its output bias
-    starts at 2 log mean(t), so sigma starts at the mean target. The regressors are independent:
-    they are stacked and trained together (batched matrix products, gradients written out, Adam
-    with PyTorch's defaults on one flat buffer), which gives each the same steps as a fit of its own.
+    starts at 2 log mean(t), so sigma starts at the mean target. The gradients are written out and
+    Adam (PyTorch's defaults) updates one flat buffer per regressor, on one torch thread. An input
+    column that is zero in every row (a constant feature after standardisation) leaves its
+    first-layer weights at their initial values (zero gradient, no Adam step): it is left out of
+    the products.
     """
-    tt = torch.as_tensor(target, dtype=torch.float32).reshape(1, -1, 1)
+    tt = torch.as_tensor(target, dtype=torch.float32).reshape(-1, 1)
     scale = float(tt.var()) if tt.numel() > 1 and float(tt.var()) > 0 else 1.0
-    dims = [int(x.shape[1]) for x in xs]
-    models, stacked = _stacked_init(dims, hidden, seeds, 2.0 * float(np.log(max(float(tt.mean()), 1e-6))))
-    x = torch.zeros(len(xs), tt.shape[1], max(dims))
-    for j, xj in enumerate(xs):
-        x[j, :, :dims[j]] = torch.as_tensor(xj, dtype=torch.float32)
-    x_t = x.transpose(1, 2).contiguous()
-    m1, m2 = torch.zeros_like(stacked.flat), torch.zeros_like(stacked.flat)
+    bias = 2.0 * float(np.log(max(float(tt.mean()), 1e-6)))
+    models, weights = [], []
+    for x, seed in zip(xs, seeds):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            models.append(NoiseRegressor(int(x.shape[1]), hidden))
+        weights.append(_Weights(models[-1], live_columns(x), bias))
     with one_thread():
-        for step in range(1, steps + 1):
-            _noise_gradients(stacked, x, x_t, tt, scale)
-            m1.lerp_(stacked.grad, 1.0 - _BETAS[0])
-            m2.mul_(_BETAS[1]).addcmul_(stacked.grad, stacked.grad, value=1.0 - _BETAS[1])
-            denom = m2.sqrt().div_(math.sqrt(1.0 - _BETAS[1] ** step)).add_(_EPS)
-            stacked.flat.addcdiv_(m1, denom, value=-lr / (1.0 - _BETAS[0] ** step))
-    w1, b1, w2, b2 = stacked.params
-    with torch.no_grad():
-        for j, (model, d) in enumerate(zip(models, dims)):
-            model.body[0].weight.copy_(w1[j, :d].T)
-            model.body[0].bias.copy_(b1[j, 0])
-            model.body[2].weight.copy_(w2[j].T)
-            model.body[2].bias.copy_(b2[j, 0])
+        for w, x in zip(weights, xs):
+            _train(w, x, tt, scale, steps, lr)
+    for model, w in zip(models, weights):
+        w.write_to(model)
     return [m.eval() for m in models]
 
 

@@ -25,8 +25,8 @@ class Probe(Diagnostic):
     Definition (methods.md P1, readout R4): for each modality m, a fresh multinomial logistic
     regression p(y | h) = softmax(W_m^T s(h_m) + b_m) is fitted on the frozen pooled features h_m,
     with s(.) the standardisation by the training rows' mean and std (constant columns map to 0),
-    by minimising mean CE + ``weight_decay`` * ||W_m||^2 with L-BFGS from zero (strictly convex:
-    no seed dependence). Training rows are the separate probe data (``--probe-data``) when it was
+    by minimising mean CE + ``weight_decay`` * ||W_m||^2 from zero (strictly convex: one optimum,
+    no seed dependence; SciPy's trust-region Newton for up to 400 parameters, L-BFGS-B beyond). Training rows are the separate probe data (``--probe-data``) when it was
     collected, and the probe is tested on every feature row; otherwise the feature rows are split
     by a seeded, per-class (stratified) split with ``test_fraction`` held out. The same split is
     used for every modality. P_m = accuracy of the probe on the held-out rows.
@@ -39,7 +39,7 @@ class Probe(Diagnostic):
 
     Cost: no model forwards beyond the pooled features of the feature subsample (capped by
     ``--max-probe-samples``, default 2000 rows); one small convex fit per modality
-    (n x d_m x C, milliseconds to a second). Source: OGM-GE's linear-probe analysis and
+    (n x d_m x C: about 15 ms for 1400 rows of 32 dimensions and 4 classes, up to a second). Source: OGM-GE's linear-probe analysis and
     BalanceMM's ``LinearProbeTrainer`` (methods.md P1 R4).
     """
 
@@ -88,9 +88,8 @@ class Probe(Diagnostic):
             )
         majority_class = int(np.bincount(train_labels, minlength=ev.n_classes).argmax())
 
-        cols: list[np.ndarray] = []
-        train_acc: dict[str, float] = {}
         source: dict[str, str] = {}
+        data: list[tuple[np.ndarray, np.ndarray]] = []  # standardised (train, test) features per modality
         for m in ev.modalities:
             feats = as_array(ev.features[m])
             if use_probe_data and ev.probe_features is not None and m in ev.probe_features:
@@ -102,9 +101,11 @@ class Probe(Diagnostic):
                 x_train, x_test = feats[train_rows], feats[test_rows]
                 source[m] = "split"
             scale = Standardiser.fit(x_train)
-            w, b = fit_logistic(scale(x_train), train_labels, ev.n_classes, self.weight_decay, self.max_iter)
-            train_acc[m] = float((predict_logistic(scale(x_train), w, b) == train_labels).mean())
-            cols.append((predict_logistic(scale(x_test), w, b) == test_labels).astype(np.float64))
+            data.append((scale(x_train), scale(x_test)))
+        fits = [fit_logistic(x, train_labels, ev.n_classes, self.weight_decay, self.max_iter) for x, _ in data]
+        train_acc = {m: float((predict_logistic(x, w, b) == train_labels).mean())
+                     for m, (x, _), (w, b) in zip(ev.modalities, data, fits)}
+        cols = [(predict_logistic(x, w, b) == test_labels).astype(np.float64) for (_, x), (w, b) in zip(data, fits)]
 
         correct = np.stack(cols, axis=1)  # [n_test, M]
         values = {m: float(correct[:, j].mean()) for j, m in enumerate(ev.modalities)}

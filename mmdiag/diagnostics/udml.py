@@ -76,9 +76,10 @@ class Udml(Diagnostic):
     noisy). For any M >= 2 the estimator is per modality; only the weights couple modalities
     (through the means over k).
 
-    Cost: the evidence costs L x M encoder forwards on the noise subsample (L levels, default 11,
-    ``max_noise_samples`` rows); the diagnostic itself fits M small MLPs (well under a second per
-    modality on 1000 x 11 rows of tens of dimensions). Source: UDML (Wei et al., CVPR 2026
+    Cost: the evidence costs L - 1 forwards of each modality's encoder per row of the noise
+    subsample (the clean level is the main pass's; L levels, default 11; N/128 rows, at least 192,
+    at most ``max_noise_samples``); the diagnostic fits M small MLPs (gradients written out, about
+    70 ms per modality on 134 x 11 training rows of 21 live dimensions). Source: UDML (Wei et al., CVPR 2026
     Findings), repository shicaiwei123/UDML, ``models/basic_model.py`` (AVClassifier_AUXI_UDML)
     and ``main_auxi_weight_udml.py``.
     """

@@ -30,17 +30,8 @@ from mmdiag.loading.checkpoints import (
     load_checkpoint,
     save_state_dict,
 )
-from mmdiag.loading.data import (
-    EXTRA_KEYS,
-    LABEL_KEYS,
-    NAN_POLICIES,
-    ArrayDataset,
-    DictDataset,
-    collate,
-    dataset_from_arrays,
-    flatten_item,
-    load_dataset,
-)
+from mmdiag.loading.arrays import EXTRA_KEYS, LABEL_KEYS, NAN_POLICIES, ArrayDataset, collate, dataset_from_arrays
+from mmdiag.loading.data import DictDataset, flatten_item, load_dataset
 from mmdiag.loading.models import build_model, import_object
 
 __all__ = [

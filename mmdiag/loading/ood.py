@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmdiag.errors import ConfigError, EvidenceError
-from mmdiag.loading.data import (LABEL_KEYS, _load_npz, _load_pt_data, _to_numpy, dataset_from_arrays, flatten_item,
-                                 load_dataset)
+from mmdiag.loading.arrays import LABEL_KEYS, _to_numpy, dataset_from_arrays
+from mmdiag.loading.data import _load_npz, _load_pt_data, flatten_item, load_dataset
 from mmdiag.registry import closest
 
 __all__ = ["FLAG", "NewData", "load_new_data"]

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mmdiag.errors import ConfigError, EvidenceError
-from mmdiag.loading.data import EXTRA_KEYS, LABEL_KEYS, MULTI_LABEL, collate, dataset_from_arrays
+from mmdiag.loading.arrays import EXTRA_KEYS, LABEL_KEYS, MULTI_LABEL, collate, dataset_from_arrays
 
 __all__ = ["Batches", "as_dataset", "split_batch"]
 
