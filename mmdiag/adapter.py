@@ -41,7 +41,7 @@ from mmdiag.detect import (  # noqa: F401 - re-exported: the adapter is where us
     search_encoders,
     unwrap,
 )
-from mmdiag.errors import AdapterError, ConfigError, MmdiagError, user_code_error, user_frame
+from mmdiag.errors import AdapterError, ConfigError, EvidenceError, MmdiagError, user_code_error, user_frame
 from mmdiag.pooling import Layout, check_mode, pool, record_layers
 from mmdiag.replay import replay_mismatch
 from mmdiag.tensors import (  # noqa: F401 - re-exported
@@ -356,8 +356,14 @@ class ModelAdapter:
     def _baseline_like(self, value: Tensor, stats: MaskStats, m: str, generator: torch.Generator | None, at: str = "feature") -> Tensor:
         if at == "input" and is_categorical(value):  # category indices: one stated index (mmdiag.categorical)
             return categorical_baseline(value, m, self.mask, self.mask_index)
-        if self.mask == "zero" or m not in stats.mean:
+        if self.mask == "zero":
             return torch.zeros_like(value)
+        if m not in stats.mean:  # never a silent zero in place of the stated mask
+            raise EvidenceError(
+                f"The `{self.mask}` mask replaces an absent modality with its data's statistics, but none were "
+                f"estimated for {m!r}'s {at} values. Estimate them first "
+                "(`mmdiag.runtime.mask_stats.estimate_mask_stats(adapter, batches, max_rows)`), or use the `zero` mask."
+            )
         mean = torch.as_tensor(stats.mean[m], dtype=value.dtype, device=value.device).expand_as(value)
         if self.mask == "mean" or not value.dtype.is_floating_point:
             # an integer tensor inside an encoder output cannot carry Gaussian noise: the rounded mean

@@ -32,6 +32,7 @@ from mmdiag.categorical import add_donors, corrupt_categorical, corruption_rate,
 from mmdiag.collect.producer import Batch, Producer, register_producer
 from mmdiag.collect.sampling import pick, rows_in, subsample_size, take
 from mmdiag.evidence import EvidenceKind, FieldSpec
+from mmdiag.runtime.mask_stats import MomentSums
 from mmdiag.tensors import map_tensors, tensor_leaves
 
 #: fewest rows corrupted at every noise level, whatever the fraction. The udml estimator is fitted
@@ -104,8 +105,7 @@ class NoiseProducer(Producer):
         # the scale comes from the main pass unless the statistics pass runs for the masks, or for
         # every process at once (each process sees different rows of the main pass)
         self.needs_stats = run.world > 1  # type: ignore[misc]
-        self.sums: dict[str, list[Any]] = {}
-        self.seen = 0
+        self.scale_sums = MomentSums()
 
     def prepare(self, sample: Mapping[str, Tensor]) -> str | None:
         a = self.run.adapter
@@ -119,29 +119,16 @@ class NoiseProducer(Producer):
 
     def scale_ready(self) -> bool:
         """Whether the data's scale is known (measuring it on this pass's first rows until it is)."""
-        return bool(self.run.data_std) or self.seen >= self.run.settings.stats_samples
-
-    def measure_scale(self, inputs: Mapping[str, Tensor]) -> None:
-        """Add one batch to the running sums of each modality's values (as the statistics pass does)."""
-        for m, x in inputs.items():
-            xf = x.double()
-            acc = self.sums.setdefault(m, [0.0, 0.0])
-            acc[0] = acc[0] + xf.sum(0)
-            acc[1] = acc[1] + (xf * xf).sum(0)
-        self.seen += int(next(iter(inputs.values())).shape[0])
+        return bool(self.run.data_std) or self.scale_sums.rows >= self.run.settings.stats_samples
 
     def finish_scale(self) -> None:
         """Each modality's data std: the std of all its values over the rows measured."""
-        if self.run.data_std or not self.seen:
-            return
-        for m, (total, squares) in self.sums.items():
-            count = self.seen * total.numel()
-            mean = total.sum() / count
-            self.run.data_std[m] = float((squares.sum() / count - mean**2).clamp_min(0.0).sqrt())
+        if not self.run.data_std and self.scale_sums.rows:
+            self.run.data_std.update(self.scale_sums.overall_std())
 
     def accumulate(self, batch: Batch) -> None:
         if not self.scale_ready():
-            self.measure_scale(batch.inputs)
+            self.scale_sums.add(batch.inputs, batch.size)
         r = rows_in(batch.offset, batch.size, self.chosen, self.n_rows)
         if r.numel() and batch.feats is not None:
             a = self.run.adapter

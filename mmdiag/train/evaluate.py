@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +10,19 @@ import torch.nn.functional as F
 from mmdiag.adapter import ModelAdapter, unwrap
 from mmdiag.runtime.batching import Batches, as_dataset
 from mmdiag.runtime.device import resolve_device
+from mmdiag.runtime.mask_stats import estimate_mask_stats
 
-__all__ = ["evaluate"]
+#: rows that estimate the ``mean`` / ``noise`` mask statistics (the analyses' ``stats_samples``)
+STATS_ROWS = 2048
+
+__all__ = ["evaluate", "leading_inputs"]
+
+
+def leading_inputs(batches: Batches, batch_size: int, rows: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The inputs of the first ``rows`` rows of ``batches``, in dataset order, ``batch_size`` at a time."""
+    n = min(len(batches), rows)
+    for start in range(0, n, batch_size):
+        yield batches.get(range(start, min(n, start + batch_size)))[0]
 
 
 def evaluate(adapter: ModelAdapter, data: Any, *, batch_size: int = 256, device: str | torch.device = "cpu",
@@ -20,12 +31,16 @@ def evaluate(adapter: ModelAdapter, data: Any, *, batch_size: int = 256, device:
 
     Unimodal accuracy of ``m`` is the accuracy with every other modality masked the way the
     adapter masks (feature level from cached encoder outputs when encoders are known, input level
-    otherwise). Runs in eval mode without gradients and restores the model's mode; it draws no
-    numbers from the global generators (a noise mask uses its own seeded generator).
+    otherwise). With a ``mean`` or ``noise`` mask the mask's statistics are estimated first on the
+    first :data:`STATS_ROWS` rows of ``data`` (as an analysis does on the data it evaluates). Runs
+    in eval mode without gradients and restores the model's mode; it draws no numbers from the
+    global generators (a noise mask uses its own seeded generator).
     """
     dev = resolve_device(device)
     dataset = as_dataset(data, adapter.modalities, what="validation data", loaders=False)
     batches = Batches(dataset, adapter.modalities, dev)
+    if adapter.needs_stats():
+        estimate_mask_stats(adapter, leading_inputs(batches, batch_size, STATS_ROWS), STATS_ROWS)
     model = unwrap(adapter.model)
     was_training = model.training
     model.eval()
