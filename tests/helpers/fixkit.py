@@ -461,3 +461,14 @@ def check_teardown(make_fix: Callable[[], Fix], strength=DOMINANT, fusion: str =
     trap.remove()
     assert_clean(run, reference)
     return normal
+
+
+def hand_readouts(model: nn.Module, inputs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(encoder outputs, unimodal logits) of a concat ToyNet computed by hand: z_m = W [0..h_m..0] + b,
+    the other modalities' blocks of the head's input zeroed (readout R2 with the zero mask)."""
+    feats = {m: model.encoders[m](inputs[m]) for m in model.modalities}
+    out = {}
+    for m in model.modalities:
+        blocks = [feats[k] if k == m else torch.zeros_like(feats[k]) for k in model.modalities]
+        out[m] = model.head(torch.cat(blocks, dim=1))
+    return feats, out
