@@ -17,6 +17,35 @@ from mmdiag.detect import unwrap
 from mmdiag.tensors import as_class_logits
 
 
+def concat_head(adapter: Any, sample: Mapping[str, Tensor]) -> tuple[torch.nn.Linear, list[tuple[int, int]]] | str:
+    """(head, column block of each modality) when the fusion head is one ``nn.Linear`` fed with
+    exactly the concatenated pooled encoder features (checked on ``sample``); else the reason why not."""
+    a = adapter
+    if not a.encoders or a.head is None:
+        return "no fusion head is known"
+    head = dict(unwrap(a.model).named_modules())[a.head]
+    if not isinstance(head, torch.nn.Linear):
+        return "the fusion head is not one Linear layer"
+    seen: dict[str, Tensor] = {}
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    try:
+        with torch.no_grad():
+            _, feats = a.encode(sample)
+    finally:
+        handle.remove()
+    if "x" not in seen:
+        return "the fusion head did not run"
+    pooled = [a.pooled(m, feats[m]) for m in a.modalities]
+    cat = torch.cat(pooled, dim=1)
+    if not (seen["x"].shape == cat.shape and torch.allclose(seen["x"], cat, atol=1e-5)):
+        return "the fusion head's input is not the concatenated pooled features"
+    cols, start = [], 0
+    for p in pooled:
+        cols.append((start, start + p.shape[1]))
+        start += p.shape[1]
+    return head, cols
+
+
 @register_producer
 class HeadSplitProducer(Producer):
     kind = EvidenceKind(
@@ -35,30 +64,10 @@ class HeadSplitProducer(Producer):
 
     def prepare(self, sample: Mapping[str, Tensor]) -> str | None:
         """Detect a Linear head fed with exactly the concatenated pooled features."""
-        a = self.run.adapter
-        if not a.encoders or a.head is None:
-            return "no fusion head is known"
-        head = dict(unwrap(a.model).named_modules())[a.head]
-        if not isinstance(head, torch.nn.Linear):
-            return "the fusion head is not one Linear layer"
-        seen: dict[str, Tensor] = {}
-        handle = head.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
-        try:
-            with torch.no_grad():
-                _, feats = a.encode(sample)
-        finally:
-            handle.remove()
-        if "x" not in seen:
-            return "the fusion head did not run"
-        pooled = [a.pooled(m, feats[m]) for m in a.modalities]
-        cat = torch.cat(pooled, dim=1)
-        if not (seen["x"].shape == cat.shape and torch.allclose(seen["x"], cat, atol=1e-5)):
-            return "the fusion head's input is not the concatenated pooled features"
-        cols, start = [], 0
-        for p in pooled:
-            cols.append((start, start + p.shape[1]))
-            start += p.shape[1]
-        self.cols, self.head = cols, head
+        found = concat_head(self.run.adapter, sample)
+        if isinstance(found, str):
+            return found
+        self.head, self.cols = found
         return None
 
     def readouts(self, feats: Mapping[str, Any]) -> Tensor:
