@@ -232,6 +232,15 @@ class Report:
         plots = importlib.import_module("mmdiag.render.plots").report_plots(self, None, dpi=dpi)
         return html.write_html(self, Path(path), plots)
 
+    def log_to(self, target: str, artifacts: str | os.PathLike[str] | None = None) -> str:
+        """Log this report to an experiment tracker: ``tensorboard:DIR``, ``mlflow[:TRACKING_URI]`` or
+        ``wandb[:PROJECT]`` (:func:`mmdiag.integrations.trackers.log_report`; ``artifacts``: the folder
+        ``mmdiag analyze`` wrote). Returns where it went. Needs ``pip install mmdiag[trackers]``."""
+        import importlib
+
+        # integrations sit above this layer and import optional libraries: load them when asked
+        return importlib.import_module("mmdiag.integrations.trackers").log_report(self, target, artifacts=artifacts)
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Report":
         """Read a ``report.json``; EvidenceError naming the file when it cannot be read."""

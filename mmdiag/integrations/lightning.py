@@ -15,7 +15,6 @@ Requires ``lightning`` (``pip install mmdiag[lightning]``); see docs/integration
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -25,19 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmdiag.adapter import ModelAdapter
-from mmdiag.api import analyze
-from mmdiag.collect import CollectSettings
-from mmdiag.errors import ConfigError, TrainError
-from mmdiag.fixes import FIXES, Fix, FixContext, Step
+from mmdiag.errors import ConfigError
+from mmdiag.fixes import Fix
+from mmdiag.integrations._diagnose import DEFAULT_DIAGNOSTICS, SEVERITY, LightAnalysis
+from mmdiag.integrations._fixrun import FixRun, FixRunCallback, make_fix, split_aux_groups
 from mmdiag.report import Report
 from mmdiag.runtime.batching import split_batch
-from mmdiag.tensors import as_class_logits, logits_of
 
 __all__ = ["RebalanceCallback", "RebalanceMixin", "DiagnoseCallback", "SEVERITY"]
-
-#: ``verdict.severity`` as a number for loggers
-SEVERITY = {"none": 0, "mild": 1, "strong": 2}
 
 
 def inner_model(pl_module: nn.Module, model_attr: str | None) -> nn.Module:
@@ -56,16 +50,7 @@ def inner_model(pl_module: nn.Module, model_attr: str | None) -> nn.Module:
     return model if isinstance(model, nn.Module) else pl_module
 
 
-def _to(inputs: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {m: t.to(device) for m, t in inputs.items()}
-
-
-def _changes_loss(fix: Fix) -> bool:
-    cls = type(fix)
-    return cls.loss is not Fix.loss or cls.forward is not Fix.forward
-
-
-class RebalanceCallback(pl.Callback):
+class RebalanceCallback(FixRunCallback, pl.Callback):
     """Run the fix ``fix`` (a registered name or a :class:`~mmdiag.fixes.Fix`) inside a Lightning fit.
 
     Args:
@@ -78,30 +63,20 @@ class RebalanceCallback(pl.Callback):
     The adapter is checked, the class count read and ``fix.setup`` called on the first training
     batch (a no-grad forward in eval mode, as :func:`mmdiag.train.fit` does). With gradient
     accumulation the fix sees the last micro-batch of each optimizer step. One optimizer only.
+    The checkpoint holds the fix's state, its auxiliary modules, and the global torch/numpy/python
+    generators (restored on resume: fixes draw random numbers); the optimizer state of the auxiliary
+    modules' parameter groups is taken out of the model's optimizer state on load and put back once
+    the fix has re-created the groups.
     """
 
     def __init__(self, fix: str | Fix = "ogm_ge", modalities: Sequence[str] | None = None, *,
                  encoders: Mapping[str, str] | None = None, head: str | None = None, call: str | None = None,
                  model_attr: str | None = None, **params: Any) -> None:
-        if isinstance(fix, Fix):
-            if params:
-                raise ConfigError("RebalanceCallback: pass parameters either to the Fix instance or as keywords, not both.")
-            self.fix = fix
-        else:
-            self.fix = FIXES.get(fix)(**params)
-        if not modalities:
-            raise ConfigError("RebalanceCallback needs modalities=[...] (the input keys of the batch).")
-        self.modalities = tuple(modalities)
-        self.encoders = dict(encoders) if encoders else None
-        self.head, self.call, self.model_attr = head, call, model_attr
-        self.adapter: ModelAdapter | None = None
-        self.ctx: FixContext | None = None
-        self._pending: dict[str, Any] | None = None
-        self._hooks = contextlib.ExitStack()
-        self._captured: dict[str, Any] | None = None
-        self._batch: tuple[dict[str, Tensor], Tensor, int] | None = None
-        self._logits: Tensor | None = None
-        self._step: Step | None = None
+        self.run = FixRun(make_fix(fix, params, "RebalanceCallback"), modalities or (), encoders=encoders,
+                          head=head, call=call,
+                          loss_hint="call `loss = self.rebalance_loss(batch, logits, loss)` in training_step "
+                                    "(RebalanceMixin).")
+        self.modalities, self.model_attr = self.run.modalities, model_attr
 
     @property
     def state_key(self) -> str:
@@ -109,154 +84,71 @@ class RebalanceCallback(pl.Callback):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.adapter is not None:
-            return
-        self.adapter = ModelAdapter(inner_model(pl_module, self.model_attr), self.modalities, call=self.call,
-                                    encoders=self.encoders, head=self.head)  # type: ignore[arg-type]
+        if stage == "fit":
+            self.run.bind(inner_model(pl_module, self.model_attr))
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, inputs: dict[str, Tensor]) -> None:
-        assert self.adapter is not None
         if len(trainer.optimizers) != 1:
             raise ConfigError(f"RebalanceCallback supports one optimizer; configure_optimizers returned {len(trainer.optimizers)}.")
-        model = self.adapter.model
-        was_training = model.training
-        model.eval()
-        try:
-            if self.adapter.has_encoders:
-                self.adapter.verify(inputs)
-            with torch.no_grad():
-                n_classes = int(self.adapter.call_model(inputs).shape[1])
-        finally:
-            model.train(was_training)
-        if self.fix.needs_encoders and not self.adapter.has_encoders:
-            raise TrainError(
-                f"Fix {self.fix.name!r} changes each modality's encoder, but the encoders of this model are not "
-                "known (or replaying their outputs did not reproduce the logits). Name them with "
-                "`encoders={MODALITY: MODULE}` (names inside the model given by model_attr).")
         steps = trainer.num_training_batches
-        self.ctx = FixContext(adapter=self.adapter, optimizer=trainer.optimizers[0], epochs=int(trainer.max_epochs or 0),
-                              n_classes=n_classes, device=pl_module.device,
-                              steps_per_epoch=int(steps) if isinstance(steps, int) or math.isfinite(steps) else None,
-                              world_size=trainer.world_size, rank=trainer.global_rank)
-        self.fix.setup(self.ctx)
-        if self._pending is not None:
-            self._apply(self._pending)
-            self._pending = None
+        finite = isinstance(steps, int) or math.isfinite(steps)
+        self.run.start(inputs, optimizer=trainer.optimizers[0], epochs=int(trainer.max_epochs or 0),
+                       steps_per_epoch=int(steps) if finite else None, device=pl_module.device,
+                       world_size=trainer.world_size, rank=trainer.global_rank)
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         inputs, labels, _ = split_batch(batch, self.modalities)
-        inputs, labels = _to(inputs, pl_module.device), labels.to(pl_module.device)
-        if self.ctx is None:
+        if not self.run.started:
             self._start(trainer, pl_module, inputs)
-        assert self.adapter is not None
-        self._batch, self._logits, self._step = (inputs, labels, batch_idx), None, None
-        if self._captured is None:  # hooks stay installed for the whole fit; removed in teardown
-            if self.adapter.has_encoders:
-                self._captured = self._hooks.enter_context(self.adapter.capture())
-            else:
-                self._captured = {}
-            handle = self.adapter.model.register_forward_hook(self._record_logits)
-            self._hooks.callback(handle.remove)
+        self.run.begin_batch(inputs, labels, batch_idx)
 
-    def _record_logits(self, _module: nn.Module, _inp: Any, out: Any) -> None:
-        if self._batch is not None and torch.is_grad_enabled():
-            self._logits = as_class_logits(logits_of(out), self._batch[1].shape[0])[0]
-
-    def make_step(self, trainer: pl.Trainer, logits: Tensor | None = None) -> Step:
+    def make_step(self, trainer: pl.Trainer, logits: Tensor | None = None) -> Any:
         """The :class:`~mmdiag.fixes.Step` of the current training batch (hooks' records)."""
-        if self._batch is None or self._captured is None:
-            raise TrainError("RebalanceCallback: no training batch is in progress.")
-        inputs, labels, index = self._batch
-        z = logits if logits is not None else self._logits
-        if z is None:
-            raise TrainError("RebalanceCallback: the model was not called in training_step (no logits were recorded).")
-        feats = {m: self._captured[m] for m in self.modalities if m in self._captured} or None
-        return Step(epoch=trainer.current_epoch, index=index, inputs=inputs, labels=labels, logits=z, features=feats)
+        return self.run.make_step(trainer.current_epoch, logits)
 
     def loss(self, trainer: pl.Trainer, logits: Tensor, loss: Tensor | None = None) -> Tensor:
         """The fix's training loss for this batch (what :meth:`RebalanceMixin.rebalance_loss` returns)."""
-        assert self.ctx is not None
-        step = self.make_step(trainer, logits)
-        replaced = self.fix.forward(self.ctx, step)
-        if replaced is not None:
-            step.logits = replaced
-        step.loss = F.cross_entropy(step.logits, step.labels) if (replaced is not None or loss is None) else loss
-        step.loss = self.fix.loss(self.ctx, step)
-        self._step = step
-        return step.loss
+        return self.run.loss(trainer.current_epoch, logits, loss)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        assert self.ctx is not None
-        if self._step is None and _changes_loss(self.fix):
-            raise ConfigError(
-                f"Fix {self.fix.name!r} changes the loss: call `loss = self.rebalance_loss(batch, logits, loss)` "
-                "in training_step (RebalanceMixin).")
-        step = self._step if self._step is not None else self.make_step(trainer)
-        self.fix.after_backward(self.ctx, step)
+        self.run.after_backward(trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._batch, self._logits, self._step = None, None, None
-        if self._captured:
-            for m in self.modalities:
-                self._captured.pop(m, None)  # hold no features (or their graph) between batches
+        self.run.end_batch()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ctx is None:
-            return
-        signals = dict(self.fix.signals())
-        signals.update(self.fix.on_epoch_end(self.ctx, trainer.current_epoch) or {})
-        for k, v in signals.items():
-            if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                pl_module.log(f"{self.fix.name}.{k}", float(v), on_epoch=True, on_step=False)
+        for k, v in self.run.end_epoch(trainer.current_epoch).items():
+            pl_module.log(f"{self.fix.name}.{k}", v, on_epoch=True, on_step=False)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"fix": self.fix.name, "params": repr(self.fix.params())}
-        if self.ctx is None:
-            if self._pending is not None:
-                return dict(self._pending)
-            return state
-        state["state"] = self.fix.state_dict()
-        state["aux"] = {k: v.detach().cpu() for k, v in self.ctx.aux.state_dict().items()}
-        return state
+        return self.run.state_dict()
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # runs before Lightning restores the optimizer, which does not hold the fix's groups yet
+        mine = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+        n_groups = int(mine.get("aux_groups") or 0)
+        states = checkpoint.get("optimizer_states") or []
+        if n_groups and states:
+            self.run.load_state_dict({"fix": self.fix.name, "aux_optimizer": split_aux_groups(states[0], n_groups)})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("fix") not in (None, self.fix.name):
-            raise TrainError(f"The checkpoint was written with fix {state_dict.get('fix')!r}, this callback runs {self.fix.name!r}.")
-        if self.ctx is None:
-            self._pending = dict(state_dict)  # applied after fix.setup, on the first batch
-        else:
-            self._apply(state_dict)
-
-    def _apply(self, state: Mapping[str, Any]) -> None:
-        assert self.ctx is not None
-        if "state" in state:
-            self.fix.load_state_dict(state["state"])
-        if state.get("aux"):
-            self.ctx.aux.load_state_dict(state["aux"])
+        self.run.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ teardown
-    def _teardown(self) -> None:
-        self._hooks.close()
-        self._captured, self._batch, self._logits, self._step = None, None, None, None
-        if self.ctx is not None:
-            ctx, self.ctx = self.ctx, None
-            self._pending = {"fix": self.fix.name, "state": self.fix.state_dict(),
-                             "aux": {k: v.detach().cpu() for k, v in ctx.aux.state_dict().items()}}
-            self.fix.teardown(ctx)
-
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._teardown()
+        self.run.teardown()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._teardown()
+        self.run.teardown()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._teardown()
+        self.run.teardown()
 
 
 class RebalanceMixin:
@@ -271,7 +163,7 @@ class RebalanceMixin:
     def rebalance_loss(self, batch: Any, logits: Tensor, loss: Tensor | None = None) -> Tensor:
         trainer = getattr(self, "_trainer", None)
         callbacks = [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, RebalanceCallback)]
-        if not callbacks or callbacks[0].ctx is None:
+        if not callbacks or not callbacks[0].run.started:
             if loss is not None:
                 return loss
             labels = split_batch(batch, ())[1].to(logits.device)
@@ -293,54 +185,27 @@ class DiagnoseCallback(pl.Callback):
     mode is restored afterwards. Runs on rank 0 only under DDP (values logged with ``rank_zero_only``).
     """
 
-    def __init__(self, data: Any, every_n_epochs: int = 1,
-                 diagnostics: Sequence[str] = ("unimodal", "shapley", "balance"), modalities: Sequence[str] | None = None,
-                 *, model_attr: str | None = None, bootstrap: int = 50, seed: int = 0,
-                 filename: str = "mmdiag_report.json", **analyze_kwargs: Any) -> None:
+    def __init__(self, data: Any, every_n_epochs: int = 1, diagnostics: Sequence[str] = DEFAULT_DIAGNOSTICS,
+                 modalities: Sequence[str] | None = None, *, model_attr: str | None = None, bootstrap: int = 50,
+                 seed: int = 0, filename: str = "mmdiag_report.json", **analyze_kwargs: Any) -> None:
         if int(every_n_epochs) < 1:
             raise ConfigError(f"every_n_epochs must be at least 1; found {every_n_epochs}.")
-        self.data, self.every_n_epochs = data, int(every_n_epochs)
-        self.diagnostics, self.modalities = tuple(diagnostics), tuple(modalities) if modalities else None
-        self.model_attr, self.bootstrap, self.seed, self.filename = model_attr, int(bootstrap), int(seed), filename
-        self.analyze_kwargs = analyze_kwargs
+        self.every_n_epochs, self.model_attr, self.filename = int(every_n_epochs), model_attr, filename
+        self.analysis = LightAnalysis(data, diagnostics, modalities, bootstrap=bootstrap, seed=seed, **analyze_kwargs)
         self.report: Report | None = None
         self.path: Path | None = None
 
     def metrics(self, report: Report) -> dict[str, float]:
         """The logged numbers of ``report``."""
-        out: dict[str, float] = {}
-        for name in self.diagnostics:
-            result = report.diagnostics.get(name)
-            if result is None:
-                continue
-            per = {m: v for m, v in (result.per_modality or {}).items() if v is not None}
-            if per:
-                out.update({f"{name}.{m}": float(v) for m, v in per.items()})
-            if (not per or name == "balance") and result.value is not None:
-                out[name] = float(result.value)
-        out["verdict.severity"] = float(SEVERITY.get(report.verdict.severity, 0))
-        return {k: v for k, v in out.items() if math.isfinite(v)}
+        return self.analysis.metrics(report)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         if not trainer.is_global_zero:
             return
-        model = inner_model(pl_module, self.model_attr)
-        was_training = model.training
-        settings = self.analyze_kwargs.pop("collect_settings", None) or CollectSettings(device=str(pl_module.device),
-                                                                                        seed=self.seed)
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                report = analyze(model, self.data, modalities=self.modalities, only=list(self.diagnostics),
-                                 bootstrap=self.bootstrap, seed=self.seed, collect_settings=settings,
-                                 **self.analyze_kwargs)
-        finally:
-            model.train(was_training)
-        self.analyze_kwargs["collect_settings"] = settings
-        assert isinstance(report, Report)
-        self.report = report
-        for k, v in self.metrics(report).items():
+        self.report = self.analysis(inner_model(pl_module, self.model_attr), pl_module.device)
+        for k, v in self.metrics(self.report).items():
             pl_module.log(k, v, on_epoch=True, on_step=False, rank_zero_only=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

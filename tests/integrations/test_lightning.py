@@ -14,7 +14,7 @@ pytest.importorskip("lightning", reason="lightning is not installed (pip install
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.data import DataLoader, Sampler  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from mmdiag.adapter import ModelAdapter  # noqa: E402
 from mmdiag.examples_data.synthetic import ToyNet  # noqa: E402
@@ -22,25 +22,12 @@ from mmdiag.integrations.lightning import DiagnoseCallback, RebalanceCallback, R
 from mmdiag.loading import dataset_from_arrays  # noqa: E402
 from mmdiag.specs import TrainSpec  # noqa: E402
 from mmdiag.train import fit  # noqa: E402
+from tests.helpers.fit_order import FitOrder  # noqa: E402
 from tests.helpers.toys import DOMINANT, toy_split  # noqa: E402
 
 MODS = ("audio", "visual")
 ROOT = Path(__file__).resolve().parents[2]
 N_TRAIN = 160  # a small slice of the toy: 3 batches of 64 (the last one short), as fit batches it
-
-
-class FitOrder(Sampler):
-    """The row order of :func:`mmdiag.train.fit` on one process: each epoch ``randperm(n)`` drawn from a
-    generator seeded once with the training seed."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.gen = n, torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=self.gen).tolist())
 
 
 class ToyModule(RebalanceMixin, pl.LightningModule):
@@ -164,6 +151,51 @@ def test_resume_restores_the_fix_state(tmp_path):
     with pytest.raises(Exception, match="fix"):
         other = RebalanceCallback("ogm_ge", MODS)
         other.load_state_dict({**stored, "fix": "cal"})
+
+
+@pytest.mark.parametrize("fix", ["modality_dropout", "cal"])
+def test_resume_from_a_lightning_checkpoint_is_exact(tmp_path, fix):
+    """2 epochs straight == resume after epoch 1 from the straight run's own checkpoint: weights, the
+    fix's auxiliary modules and state. modality_dropout draws a random combination per sample from the
+    global generator (restored from the checkpoint); cal adds auxiliary modules whose optimizer groups
+    Lightning could not restore into an optimizer that does not hold them yet."""
+    rows = train_rows()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    straight_model, straight = new_model(), RebalanceCallback(fix, MODS)
+    torch.manual_seed(SPEC.seed)
+    trainer(tmp_path, 2, [straight, ckpt], enable_checkpointing=True).fit(ToyModule(straight_model, SPEC), loader(SPEC, rows))
+
+    resumed_model, resumed = new_model(1), RebalanceCallback(fix, MODS)
+    torch.manual_seed(12345)  # whatever the generators hold now: the checkpoint's are put back
+    trainer(tmp_path, 2, [resumed]).fit(ToyModule(resumed_model, SPEC), loader(SPEC, rows),
+                                        ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
+    for (name, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), f"{fix}: {name} differs by {float((a - b).abs().max())}"
+    aux_a, aux_b = straight.state_dict()["aux"], resumed.state_dict()["aux"]
+    assert aux_a.keys() == aux_b.keys() and (fix != "cal" or aux_a)
+    for key in aux_a:
+        assert torch.equal(aux_a[key], aux_b[key]), f"{fix}: aux {key} differs"
+    assert repr(straight.fix.state_dict()) == repr(resumed.fix.state_dict())
+    assert hooks_of(resumed_model) == 0
+
+
+def test_without_the_saved_generators_resume_differs(tmp_path):
+    """Control for the test above: the same resume with the generator state dropped from the checkpoint
+    does not replay modality_dropout's draws, so the weights differ."""
+    rows = train_rows()
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    straight_model, straight = new_model(), RebalanceCallback("modality_dropout", MODS)
+    torch.manual_seed(SPEC.seed)
+    trainer(tmp_path, 2, [straight, ckpt], enable_checkpointing=True).fit(ToyModule(straight_model, SPEC), loader(SPEC, rows))
+    path = tmp_path / "ckpt" / "epoch=0.ckpt"
+    saved = torch.load(path, weights_only=False)
+    del saved["callbacks"][straight.state_key]["rng"]
+    torch.save(saved, path)
+    resumed_model = new_model(1)
+    torch.manual_seed(12345)
+    trainer(tmp_path, 2, [RebalanceCallback("modality_dropout", MODS)]).fit(
+        ToyModule(resumed_model, SPEC), loader(SPEC, rows), ckpt_path=str(path))
+    assert not torch.equal(straight_model.head.weight, resumed_model.head.weight)
 
 
 def test_diagnose_callback_logs_to_csv(tmp_path):
