@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = train(build(), train_data, args.epochs, args.seed)
     torch.save(model.state_dict(), out / "model.pt")
     np.savez(out / "val.npz", **{k: val_data[k] for k in (*MODALITIES, "label")})
+    np.savez(out / "train.npz", **{k: train_data[k] for k in (*MODALITIES, "label")})  # for mmdiag rebalance
 
     report = mmdiag.analyze(model, val_data, modalities=MODALITIES, bootstrap=args.bootstrap, seed=args.seed,
                             settings={"model": "examples/three_modalities/model.py:build",
