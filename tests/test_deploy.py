@@ -178,3 +178,15 @@ def test_rebalance_writes_the_translator_beside_the_model(tmp_path: Path) -> Non
     xs, _ = held_out()
     with torch.no_grad():
         assert with_restoration(result.model, loaded)({"visual": xs["visual"]}).shape == (50, 4)
+    # the after model is analysed as it is deployed: absent modalities restored, not masked
+    assert result.after.settings["restore"]["modalities"] == list(MODS)
+    assert "restore" not in (result.baseline.settings if result.baseline is not None else {})
+    assert any("translator restoring the absent modalities" in n for n in result.notes)
+    adapter = ModelAdapter(result.model, MODS)
+    attach_restoration(adapter, loaded)
+    vx = {m: torch.as_tensor(np.asarray(val[m][:64]), dtype=torch.float32) for m in MODS}
+    labels = torch.as_tensor(np.asarray(val["label"][:64]))
+    result.model.eval()
+    with torch.no_grad():  # accuracy with audio absent, restored from visual: as the report says
+        restored = (adapter.subset_logits(vx, ["visual"]).argmax(1) == labels).float().mean()
+    assert result.after.diagnostics["combinations"].per_modality["audio"] == pytest.approx(float(restored))

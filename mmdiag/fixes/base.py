@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from mmdiag.adapter import ModelAdapter
 from mmdiag.registry import Registry, check_plugin_class
-from mmdiag.runtime.distributed import all_reduce_sum
+from mmdiag.runtime.distributed import all_reduce_sum, broadcast_tensor
 
 #: built-in fixes, then those of installed plug-ins (entry-point group ``mmdiag.fixes``)
 FIXES: Registry[type["Fix"]] = Registry("fix", group="mmdiag.fixes", check=lambda obj: check_plugin_class(obj, Fix))
@@ -83,6 +83,8 @@ class FixContext:
     rank: int = 0
     train_data: Any = None
     held_out: tuple[int, ...] = ()
+    #: ids of the auxiliary modules :meth:`sync_aux` has already set to rank 0's
+    _synced: set[int] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -117,6 +119,58 @@ class FixContext:
         make the same calls in the same order.
         """
         return all_reduce_sum(value, self.world_size, self.device)
+
+    def broadcast(self, value: Tensor) -> Tensor:
+        """Rank 0's ``value`` on every process (a new tensor; with one process a detached copy)."""
+        return broadcast_tensor(value, self.world_size, self.device)
+
+    def sync_aux(self, prefix: str = "") -> None:
+        """Average the gradients and the floating-point buffers (e.g. BatchNorm running statistics)
+        of the auxiliary modules whose name starts with ``prefix`` over the processes of a
+        distributed run (nothing with one process).
+
+        Only the user's model is wrapped in DistributedDataParallel, so without this each rank
+        would train its own copy of an auxiliary module on its own shard. A fix that adds auxiliary
+        modules calls it in ``after_backward``, before anything that reads those gradients (a
+        clip); a parameter without a gradient on this rank contributes zeros. Averaging the
+        running statistics (rather than taking rank 0's, as DDP does for the model's buffers)
+        keeps what every shard saw. The first time a module is synchronised, its parameters and
+        buffers are set to rank 0's: a module (a lazy one especially) initialised from the global
+        random state would otherwise start from a different draw on each rank.
+        """
+        if self.world_size <= 1:
+            return
+        modules = [module for name, module in self.aux.items() if name.startswith(prefix)]
+        for module in modules:
+            if id(module) not in self._synced:
+                self._synced.add(id(module))
+                self._take_rank0(module)
+        params = [p for module in modules for p in module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        buffers = [b for module in modules for b in module.buffers() if b.is_floating_point()]
+        values = [*grads, *buffers]
+        if not values:
+            return
+        flat = self.all_reduce_sum(torch.cat([v.detach().reshape(-1).double() for v in values])) / self.world_size
+        start = 0
+        for p in params:
+            p.grad = flat[start:start + p.numel()].view_as(p).to(p.dtype)
+            start += p.numel()
+        for b in buffers:
+            b.copy_(flat[start:start + b.numel()].view_as(b))
+            start += b.numel()
+
+    def _take_rank0(self, module: nn.Module) -> None:
+        """Set ``module``'s parameters and buffers to rank 0's."""
+        values = [*module.parameters(), *module.buffers()]
+        if not values:
+            return
+        flat = self.broadcast(torch.cat([v.detach().reshape(-1).double() for v in values]))
+        start = 0
+        with torch.no_grad():
+            for v in values:
+                v.copy_(flat[start:start + v.numel()].view_as(v))
+                start += v.numel()
 
     def encoder_parameters(self, m: str) -> list[nn.Parameter]:
         """Trainable parameters of modality ``m``'s encoder."""

@@ -303,6 +303,7 @@ class CAL(Fix):
         return self.aib_weight * branch + kl_total
 
     def after_backward(self, ctx: FixContext, step: Step) -> None:
+        ctx.sync_aux("cal_")  # every rank keeps the same bottlenecks
         if self.clip_norm is not None:
             clip_grad_norm(itertools.chain(ctx.adapter.model.parameters(), ctx.aux.parameters()), self.clip_norm)
 

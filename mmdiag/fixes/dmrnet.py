@@ -25,9 +25,11 @@ AUX_KEY = "dmrnet_logvar"
 class LogVarHead(LazyModuleMixin, nn.Module):
     """log sigma^2 = gamma * standardise_batch(W u + b) + beta, D -> D, sized at its first call.
 
-    DMRNet's ``logvar_dul_backbone`` (Linear then BatchNorm1d). The batch standardisation keeps no
-    running statistics (the module only runs in training, and ranks stay identical), and a batch of
-    one sample is only shifted and scaled.
+    DMRNet's ``logvar_dul_backbone`` (Linear then BatchNorm1d), applied, as there, to the raw fused
+    representation u. The batch standardisation (its statistics differentiated, as BatchNorm's in
+    training) makes the output, and so the gradient it sends back, independent of the scale of u.
+    It keeps no running statistics (the module only runs in training, and ranks stay identical),
+    and a batch of one sample is only shifted and scaled.
     """
 
     cls_to_become = None
@@ -65,16 +67,27 @@ class LogVarHead(LazyModuleMixin, nn.Module):
 
 
 def standardise(u: Tensor) -> tuple[Tensor, Tensor]:
-    """(mu, s): u in batch-standardised coordinates, mu = (u - mean_batch(u)) / s with s the per-dimension
-    batch standard deviation (+1e-5), the statistics not differentiated. DMRNet's Gaussian mean comes
-    out of a BatchNorm; the user's representation has its own scale per dimension (a weak modality's
-    features are often much smaller), so the noise and the KL are taken in these coordinates and the
-    noise is scaled back by s. A batch of one sample keeps its own coordinates (mean 0, s = 1)."""
+    """(mu, s): u in batch-standardised coordinates, mu = (u - mean_batch(u)) / s, s the per-dimension
+    batch standard deviation (+1e-5), as a BatchNorm without scale and shift computes them in training.
+
+    DMRNet's Gaussian mean comes out of a BatchNorm; the user's representation has its own scale per
+    dimension (a weak modality's features are often much smaller), so the noise is drawn in these
+    coordinates, u + s * sigma * eps = mean + s * (mu + sigma * eps).
+
+    ``s`` keeps its gradient: scaling u up scales the noise with it, so growing the representation
+    cannot buy a better signal-to-noise ratio (with s held fixed within a step, the gradient always
+    asked for a larger spread and the representation grew without bound). ``mu`` is returned without
+    gradient, for the KL's mean term: in DMRNet the gradient of mu^2 is exactly zero below the
+    BatchNorm (mean and spread are normalised away; it only shrinks the BatchNorm's scale and shift,
+    which the user's representation does not have), whereas differentiating mu with the statistics
+    held fixed pulls every sample toward the batch mean with a force of mu / s that grows as the
+    spread shrinks, and collapsed the audio branch of AV-digits (docs/fixes/dmrnet.md). A batch of
+    one sample keeps its own coordinates (mean 0, s = 1)."""
     if u.shape[0] < 2:
-        return u, torch.ones_like(u)
-    mean = u.detach().mean(dim=0, keepdim=True)
-    scale = u.detach().std(dim=0, unbiased=False, keepdim=True) + 1e-5
-    return (u - mean) / scale, scale.expand_as(u)
+        return u.detach(), torch.ones_like(u)
+    mean = u.mean(dim=0, keepdim=True)
+    scale = u.std(dim=0, unbiased=False, keepdim=True) + 1e-5
+    return ((u - mean) / scale).detach(), scale.expand_as(u)
 
 
 def kl_standard_normal(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -94,12 +107,15 @@ class DMRNet(Fix):
           and the head re-run, as :mod:`mmdiag.fixes.mmanet` does.
         * The fused representation u of each sample (the input of the adapter's head: a forward
           pre-hook active only during the fix's own head call; without a known head, the
-          concatenated flattened encoder outputs) is replaced by z = u + sigma(u) * eps,
-          eps ~ N(0, I), with log sigma^2 from an auxiliary D -> D head (``ctx.aux["dmrnet_logvar"]``,
-          Linear + batch standardisation as DMRNet's BatchNorm branch): the mean of the Gaussian
-          is the model's own deterministic representation, so at inference (z = mu = u) the user's
-          model is unchanged and nothing of the fix remains in it.
-        * L_KL = mean_i sum_d 1/2 (sigma^2 + u^2 - log sigma^2 - 1), the KL to N(0, I).
+          concatenated flattened encoder outputs) is replaced by z = u + s * sigma(u) * eps,
+          eps ~ N(0, I), s the per-dimension batch standard deviation of u (see
+          :func:`standardise`), with log sigma^2 from an auxiliary D -> D head on u
+          (``ctx.aux["dmrnet_logvar"]``, Linear + batch standardisation as DMRNet's BatchNorm
+          branch): the mean of the Gaussian is the model's own deterministic representation, so at
+          inference (z = u) the user's model is unchanged and nothing of the fix remains in it.
+        * L_KL = mean_i sum_d 1/2 (sigma^2 + mu^2 - log sigma^2 - 1), the KL to N(0, I) in the
+          batch-standardised coordinates mu = (u - mean) / s; its mu^2 term sends no gradient to u,
+          as none passes DMRNet's BatchNorm (see :func:`standardise`), so the KL acts on sigma only.
         * Hard combination: over the first ``detect_epochs`` epochs the mean predicted variance
           (sigma^2 averaged over the dimensions) is accumulated per drawn combination; the hard one
           is the proper combination of the distribution's support (all of them, not only single
@@ -163,7 +179,7 @@ class DMRNet(Fix):
         """z = u + s * sigma * eps, in the batch-standardised coordinates of u (see :func:`standardise`)."""
         def transform(u: Tensor) -> Tensor:
             mu, scale = standardise(u.float())
-            logvar = ctx.aux[AUX_KEY](mu)
+            logvar = ctx.aux[AUX_KEY](u.float())
             record["mu"], record["logvar"] = mu, logvar
             return u + (scale * torch.exp(0.5 * logvar) * torch.randn_like(logvar)).to(u.dtype)
         return transform
@@ -230,15 +246,7 @@ class DMRNet(Fix):
         return step.loss if extra is None else step.loss + extra
 
     def after_backward(self, ctx: FixContext, step: Step) -> None:
-        if ctx.world_size <= 1 or AUX_KEY not in ctx.aux:
-            return
-        grads = [p.grad for p in ctx.aux[AUX_KEY].parameters() if p.grad is not None]
-        if grads:  # one all-reduce for the auxiliary head: every rank keeps the same head
-            flat = ctx.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / ctx.world_size
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g).to(g.dtype))
-                offset += g.numel()
+        ctx.sync_aux(AUX_KEY)  # every rank keeps the same log-variance head
 
     def on_epoch_end(self, ctx: FixContext, epoch: int) -> dict[str, Any]:
         s = self._s

@@ -278,6 +278,7 @@ class MDACL(Fix):
         return step.loss + self.lambda_hcg * hcg + adv
 
     def after_backward(self, ctx: FixContext, step: Step) -> None:
+        ctx.sync_aux("mdacl_")  # every rank keeps the same projectors and discriminator
         if not self.rescale:
             return
         n = len(ctx.modalities)

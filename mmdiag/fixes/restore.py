@@ -339,16 +339,7 @@ class Restore(Fix):
                 + self.lambda_align * sum(align))
 
     def after_backward(self, ctx: FixContext, step: Step) -> None:
-        if ctx.world_size <= 1 or "restore" not in ctx.aux:
-            return
-        params = [p for p in ctx.aux["restore"].parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = ctx.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads])) / ctx.world_size
-        start = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[start:start + n].view_as(p).to(p.dtype)
-            start += n
+        ctx.sync_aux("restore")  # every rank keeps the same translator
 
     def on_epoch_end(self, ctx: FixContext, epoch: int) -> dict[str, float]:
         total = ctx.all_reduce_sum(torch.tensor(self._sums, dtype=torch.float64)).tolist()

@@ -228,8 +228,10 @@ class UDML(Fix):
         else:
             t = target_weights({m: o.detach() for m, o in log_var.items()})
         w = fusion_weights(t, self._dep)
-        self._w = {m: v.mean().item() for m, v in w.items()}
-        self._sigma = {m: s.detach().mean().item() for m, s in self._step_sigma.items()}
+        # batch means over every rank's rows, so that every process logs the same signals
+        means = reduce_mean(ctx, torch.stack([*(w[m].detach().mean() for m in mods),
+                                              *(self._step_sigma[m].detach().mean() for m in mods)]).cpu()).tolist()
+        self._w, self._sigma = dict(zip(mods, means[:len(mods)])), dict(zip(mods, means[len(mods):]))
         step.features = {
             m: map_tensors(lambda h, wm=w[m]: h * (1 + _per_sample(wm, h)), f) for m, f in step.features.items()
         }
@@ -260,6 +262,7 @@ class UDML(Fix):
             self._gen_state = self._gen.get_state()
 
     def after_backward(self, ctx: FixContext, step: Step) -> None:
+        ctx.sync_aux("udml_")  # every rank keeps the same noise estimators
         if self.clip_norm is not None:
             params = [*ctx.adapter.model.parameters(), *ctx.aux.parameters()]
             torch.nn.utils.clip_grad_norm_(params, self.clip_norm)

@@ -11,10 +11,15 @@ from mmdiag.fixes import FIXES, Fix
 from mmdiag.registry import closest
 from mmdiag.report import Report
 
-__all__ = ["FALLBACK_FIX", "choose_fix", "make_fix", "parse_param_value"]
+__all__ = ["DEPLOYMENT_PARAMS", "FALLBACK_FIX", "choose_fix", "deployment_training_note", "make_fix",
+           "parse_param_value"]
 
 #: The fix used when ``auto`` finds no usable recommendation.
 FALLBACK_FIX = "ogm_ge"
+
+#: The parameters through which a missing-modality fix draws its training combinations (default: the
+#: uniform mix over the non-empty combinations, whatever the deployment distribution).
+DEPLOYMENT_PARAMS = ("missing", "combinations")
 
 
 def parse_param_value(text: Any) -> Any:
@@ -80,6 +85,29 @@ def make_fix(name: str, params: Mapping[str, Any] | None = None) -> Fix:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"Bad parameters for fix {name!r}: {exc}") from None
+
+
+def deployment_training_note(name: str, params: Mapping[str, Any] | None,
+                             deployment: Mapping[str, Any] | None) -> str | None:
+    """A note when the fix ``name`` takes :data:`DEPLOYMENT_PARAMS`, a deployment distribution (the
+    ``deployment`` diagnostic's ``missing`` or ``combinations``) is given, and ``params`` sets neither
+    parameter for the fix: it trains on its uniform default, and its own parameter would train it on
+    the deployment distribution. Else None. The distribution never changes the fix's parameters: on
+    AV-digits the uniform mix kept full-input accuracy that the deployment distribution cost
+    (docs/deployment.md)."""
+    from mmdiag.deployment import distribution
+
+    dist = {k: v for k, v in dict(deployment or {}).items() if k in DEPLOYMENT_PARAMS and v is not None}
+    takes = {f.name for f in dataclasses.fields(FIXES.get(name)) if f.init}
+    given = _fix_params_for(name, params)
+    if not dist or not takes.issuperset(DEPLOYMENT_PARAMS) or any(k in given for k in DEPLOYMENT_PARAMS):
+        return None
+    key = next(iter(dist))
+    spec = distribution(**{key: dist[key]})
+    value = ",".join(f"{k}={p:g}" for k, p in (getattr(spec, key) or {}).items())
+    return (f"{name} trains on the uniform mix over the non-empty combinations, not on the deployment "
+            f"distribution of `{key}` ({spec.describe()}); `fix_params` {key}={value} trains it on that "
+            f"distribution instead (see docs/deployment.md)")
 
 
 def choose_fix(report: Report | None) -> dict[str, Any]:

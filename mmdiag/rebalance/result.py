@@ -71,14 +71,20 @@ def _comparison_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def trained_translator(aux: nn.ModuleDict | None) -> Any:
+    """The ``restore`` fix's trained translator among a training's auxiliary modules, or None."""
+    from mmdiag.fixes.restore import Translator
+
+    return next((m for m in (aux or {}).values() if isinstance(m, Translator) and m.trained), None)
+
+
 def _save_translator(aux: nn.ModuleDict, out: Path) -> None:
     """The ``restore`` fix's translator as ``restore.safetensors`` + ``restore.json`` beside the model."""
     from mmdiag.deploy import save_restoration
-    from mmdiag.fixes.restore import Translator
 
-    for module in aux.values():
-        if isinstance(module, Translator) and module.trained:
-            save_restoration(module, out)
+    translator = trained_translator(aux)
+    if translator is not None:
+        save_restoration(translator, out)
 
 
 def write_outputs(result: RebalanceResult, out: Path, cis: Mapping[str, Any], extra: Mapping[str, Any],

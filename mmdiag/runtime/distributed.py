@@ -20,7 +20,7 @@ import torch
 from mmdiag.errors import ConfigError
 from mmdiag.runtime.device import resolve_device
 
-__all__ = ["DistInfo", "all_gather_objects", "all_reduce_sum", "any_rank", "broadcast_object",
+__all__ = ["DistInfo", "all_gather_objects", "all_reduce_sum", "any_rank", "barrier", "broadcast_object", "broadcast_tensor",
            "distributed_rank", "is_main_process", "join", "leave", "process_group", "sum_ranks"]
 
 
@@ -138,6 +138,13 @@ def is_main_process() -> bool:
     return distributed_rank()[0] == 0
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (nothing when not distributed): what rank 0 wrote before is
+    then on disk for the others to read."""
+    if _active():
+        _dist().barrier()
+
+
 def any_rank(flag: bool, world: int, device: torch.device) -> bool:
     """Whether ``flag`` is set on any rank (a tiny all-reduce per call when distributed)."""
     if world <= 1:
@@ -166,6 +173,18 @@ def all_reduce_sum(value: torch.Tensor, world: int, device: torch.device) -> tor
         dist = _dist()
         out = out.to(device)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out = out.to(value.device)
+    return out
+
+
+def broadcast_tensor(value: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """Rank 0's ``value`` on every rank, as a new tensor on ``value``'s device (a detached copy with
+    one process or without an initialised group); the input is unchanged."""
+    out = value.detach().clone()
+    if world > 1 and _active():
+        dist = _dist()
+        out = out.to(device)
+        dist.broadcast(out, src=0)
         out = out.to(value.device)
     return out
 

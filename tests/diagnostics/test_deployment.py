@@ -271,3 +271,31 @@ def test_cli_rebalance_passes_the_distribution_to_its_analyses(workspace, tmp_pa
     for stage in ("before", "after"):
         dep = json.loads((tmp_path / "rb" / stage / "report.json").read_text())["diagnostics"]["deployment"]
         assert dep["params"]["missing"] == {"audio": 0.4} and dep["details"]["distribution"] == "missing"
+
+
+def test_cli_rebalance_keeps_a_missing_modality_fix_on_the_uniform_mix(workspace, tmp_path):
+    np.savez(tmp_path / "train.npz", **toy_split(DOMINANT, 0)[0])
+    args = ["rebalance", "--model", f"{workspace}/models.py:toy", "--data", str(tmp_path / "train.npz"),
+            "--val-data", f"{workspace}/test.npz", "--epochs", "1", "--device", "cpu", "--bootstrap", "0",
+            "--only", "deployment", "--format", "json", "--missing", "audio=0.4"]
+    res = run([*args, "--fix", "dmrnet", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    fix = json.loads((tmp_path / "d" / "fix.json").read_text())
+    assert fix["params"]["missing"] is None and fix["params"]["combinations"] is None  # --missing: not the fix's
+    printed = " ".join(res.output.split())
+    assert ("note: dmrnet trains on the uniform mix over the non-empty combinations, not on the deployment "
+            "distribution of --missing (independent missing rates audio=0.4); --fix-param missing=audio=0.4 "
+            "trains it on that distribution instead (see docs/deployment.md)") in printed, res.output
+    notes = json.loads((tmp_path / "d" / "comparison.json").read_text())["notes"]
+    assert any("uniform mix" in n and "`fix_params` missing=audio=0.4" in n for n in notes), notes
+    # the flag the note offers trains the fix on the deployment distribution, and silences the note
+    res = run([*args, "--fix", "dmrnet", "--fix-param", "missing=audio=0.4", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    fix = json.loads((tmp_path / "m" / "fix.json").read_text())
+    assert fix["params"]["missing"] == "audio=0.4" and fix["params"]["combinations"] is None
+    assert "uniform mix" not in res.output
+    res = run([*args, "--fix", "dmrnet", "--fix-param", "combinations=visual=1", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    fix = json.loads((tmp_path / "o" / "fix.json").read_text())
+    assert fix["params"]["missing"] is None and fix["params"]["combinations"] == "visual=1"
+    assert "uniform mix" not in res.output

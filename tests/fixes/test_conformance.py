@@ -44,14 +44,12 @@ ACTIVE: dict[str, dict[str, Any]] = {
     "udml": {"cycle_epoch": 0, "weight_warmup": 1},
     "mmanet": {"begin_epoch": 0, "mar_on": "all"},
     "dmrnet": {"detect_epochs": 1},
+    "gblending": {"every": 1},
+    "relearn": {"every": 1},
 }
 FUSIONS = ("concat", "gated")
 #: known bugs, one case each (strict: the mark must go when the fix is fixed)
-KNOWN_BUGS = {
-    **{("gloo_aux", n): "auxiliary modules are not synchronised across ranks: only the model is wrapped in "
-                        "DistributedDataParallel, so each rank trains its own copy of ctx.aux on its own shard"
-       for n in ("cal", "mdacl", "udml")},
-}
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
 
 
 def cases(check: str) -> list[Any]:
@@ -237,9 +235,11 @@ def test_black_box_is_supported_or_refused_at_setup(name: str) -> None:
 
 # ------------------------------------------------------------------------------------ distributed
 def _doubling(run: Run) -> Run:
-    """``run`` as one of two identical ranks: world size 2, every all-reduce doubles."""
+    """``run`` as one of two identical ranks: world size 2, every all-reduce doubles, a broadcast
+    returns the value."""
     run.ctx.world_size = 2
     run.ctx.all_reduce_sum = lambda v: v.detach().clone() * 2  # type: ignore[method-assign]
+    run.ctx.broadcast = lambda v: v.detach().clone()  # type: ignore[method-assign]
     return run
 
 
