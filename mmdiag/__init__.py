@@ -20,6 +20,7 @@ from mmdiag.errors import (AdapterError, ConfigError, EvidenceError, GateError, 
 from mmdiag.evidence import Evidence
 from mmdiag.fixes import FIXES, Fix, FixContext, Step, fix_step, register_fix
 from mmdiag.rebalance import rebalance
+from mmdiag import acquire  # the active-learning API: mmdiag.acquire.rank_pool, mmdiag.acquire.simulate
 from mmdiag.report import Failure, Report, Result, Verdict
 from mmdiag.specs import AdapterSpec, AnalysisSpec, TrainSpec
 from mmdiag.train import History, fit
@@ -31,5 +32,5 @@ __all__ = [
     "Report", "Result", "Failure", "Verdict", "VerdictThresholds", "Diagnostic", "DIAGNOSTICS",
     "register_diagnostic", "MmdiagError", "ConfigError", "LoadError", "AdapterError", "EvidenceError",
     "GateError", "TrainError", "rebalance", "fit", "History", "Fix", "FixContext", "Step", "fix_step",
-    "FIXES", "register_fix",
+    "FIXES", "register_fix", "acquire",
 ]

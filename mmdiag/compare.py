@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping
 
 from mmdiag.report import Report, Result, interval, json_safe
+from mmdiag.report_text import READING_ORDER
 
 #: Columns of rebalance's ``comparison.csv`` (:func:`compare_runs`).
 COMPARISON_COLUMNS = (
@@ -82,14 +83,16 @@ def _aligned(runs: Mapping[str, Report | None], accuracy_ci: Mapping[str, Any] |
              ) -> Iterator[tuple[str, str, dict[str, tuple[Any, Any]]]]:
     """(diagnostic, modality, run -> (value, interval)) for every value in any of the runs.
 
-    The fused accuracy comes first, then each diagnostic (in the order the runs hold them) with its
-    headline and its modalities, in the first run's modality order; a run that lacks a value gives
+    The fused accuracy comes first, then each diagnostic in reading order (``READING_ORDER``; others
+    as the runs hold them) with its headline and its modalities, in the first run's modality order; a
+    run that lacks a value gives
     ``(None, None)``. ``accuracy_ci`` maps a run to the interval of its fused accuracy.
     """
     reports = {label: r for label, r in runs.items() if r is not None}
     cis = dict(accuracy_ci or {})
     yield "accuracy", "", {label: (r.accuracy, cis.get(label)) for label, r in reports.items()}
-    names = list(dict.fromkeys(n for r in reports.values() for n in r.diagnostics))
+    found = list(dict.fromkeys(n for r in reports.values() for n in r.diagnostics))
+    names = [n for n in READING_ORDER if n in found] + [n for n in found if n not in READING_ORDER]
     order = next(iter(reports.values())).modalities if reports else ()
     empty = Result(name="", value=None, per_modality={})
     for name in names:

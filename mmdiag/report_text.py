@@ -22,9 +22,36 @@ READING_ORDER = ("unimodal", "shapley", "reliance", "balance", "attribution", "c
 #: cells of reports written before results carried ``cells``: the one built-in mirrored row
 OLDER_REPORT_CELLS = {"combinations": "without"}
 
-LEGEND = ("headline: spread = max - min over the modalities, weakest = lowest value; cells: value "
-          "[95% interval]; (without): the accuracy with that modality missing; (too wide): an interval "
-          "too wide to read")
+#: what each built-in headline label means (a plug-in's label without an entry is listed as it is)
+HEADLINE_MEANINGS = {
+    "spread": "max - min over the modalities",
+    "weakest": "lowest value",
+    "evenness": "normalised entropy of the shares (1 = even)",
+    "log-ratio": "log of the largest share over the smallest",
+    "max ratio": "largest value over the smallest",
+    "fused u": "uncertainty of the fused opinion",
+    "lowest cos": "lowest gradient cosine",
+    "largest share": "largest share of new samples beyond the threshold",
+    "expected": "expected accuracy when modalities go missing (uniform over the combinations, or as given)",
+}
+#: what each kind of per-modality cell other than the modality's own value means
+CELL_MEANINGS = {
+    "without": "the accuracy with that modality missing",
+    "loss when missing": "the expected accuracy lost when that modality is missing",
+}
+
+
+def legend(report: "Report") -> str:
+    """The legend line of a report's summary: the meaning of each headline label and kind of cell it uses."""
+    labels = list(dict.fromkeys((report.diagnostics[n].headline or "").split(" (")[0] for n in ordered_names(report)))
+    known = [f"{label} = {HEADLINE_MEANINGS[label]}" for label in labels if label in HEADLINE_MEANINGS]
+    kinds = dict.fromkeys(res.cells or OLDER_REPORT_CELLS.get(name, "") for name, res in report.diagnostics.items())
+    parts = [f"headline: {', '.join(known)}"] if known else []
+    parts.append("cells: value [95% interval]")
+    parts += [f"({kind}): {CELL_MEANINGS[kind]}" for kind in kinds if kind in CELL_MEANINGS]
+    parts.append("(too wide): an interval too wide to read")
+    return "; ".join(parts)
+
 
 #: intervals too wide to read, per diagnostic: (widest readable interval on its scale, fewest batches
 #: the interval may rest on). gradient_conflict bootstraps over a handful of gradient batches: an
@@ -103,7 +130,7 @@ def plain_table(rows: list[list[str]]) -> str:
 def summary_text(report: "Report", html_path: str | None = None) -> str:
     """The whole summary as plain text: title, table, legend, failures, verdict and reasons."""
     title = f"mmdiag: {report.n_samples} samples, fused accuracy {report.accuracy:.3f}"
-    parts = [title, plain_table(summary_rows(report)), LEGEND]
+    parts = [title, plain_table(summary_rows(report)), legend(report)]
     parts += [f"{f.diagnostic} {f.kind}: {f.error}" for f in report.failures]
     parts += verdict_lines(report, html_path)
     return "\n".join(parts)

@@ -33,7 +33,8 @@ class Spec:
 
     Attributes:
         kind: ``int``, ``float``, ``bool``, ``str``, ``path``, ``choice``, ``device``, ``names``
-            (a comma-separated string or a list of strings), ``pairs`` (KEY=VALUE strings, a list of
+            (a comma-separated string or a list of strings), ``strings`` (a string or a list of strings, kept
+            as a list), ``pairs`` (KEY=VALUE strings, a list of
             them or a table) or ``ints`` (a non-empty list of integers).
         minimum, maximum: the range of ``int``, ``float`` and ``ints`` values.
         above: the minimum itself is excluded (``> minimum`` rather than ``>= minimum``).
@@ -58,6 +59,7 @@ class Spec:
             "choice": "one of " + ", ".join(self.choices),
             "names": "a comma-separated string or a list of strings",
             "pairs": "KEY=VALUE strings (a string, a list of them, or a table)",
+            "strings": "a string or a list of strings",
             "ints": "a non-empty list of integers",
         }[self.kind]
         if self.kind in ("int", "float", "ints"):
@@ -177,6 +179,14 @@ def _pairs(spec: Spec, value: Any) -> tuple[bool, Any]:
     return False, value
 
 
+def _strings(spec: Spec, value: Any) -> tuple[bool, Any]:
+    if isinstance(value, str):
+        return True, [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return True, list(value)
+    return False, value
+
+
 def _ints(spec: Spec, value: Any) -> tuple[bool, Any]:
     if not isinstance(value, (list, tuple)) or not value:
         return False, value
@@ -185,7 +195,7 @@ def _ints(spec: Spec, value: Any) -> tuple[bool, Any]:
 
 _CHECKS: dict[str, Callable[[Spec, Any], tuple[bool, Any]]] = {
     "int": _int, "float": _float, "bool": _bool, "str": _str, "path": _path, "choice": _choice,
-    "device": _device, "names": _names, "pairs": _pairs, "ints": _ints,
+    "device": _device, "names": _names, "pairs": _pairs, "strings": _strings, "ints": _ints,
 }
 
 BOOL = Spec("bool")
@@ -225,11 +235,16 @@ SETTINGS: dict[str, Spec] = {
     "lr": Spec("float", minimum=0.0, above=True), "weight_decay": Spec("float", minimum=0.0),
     "momentum": Spec("float", minimum=0.0), "init": Spec("choice", choices=("scratch", "checkpoint")),
     "grad_clip": Spec("float", minimum=0.0, above=True, optional=True),
+    # leaderboard and race (the objectives are those of mmdiag.rebalance.scoring.OBJECTIVES)
+    "objective": Spec("choice", choices=("fused", "weakest", "balance", "deployment")), "jobs": POSITIVE_INT,
+    "race": BOOL, "candidates": NAMES, "holdout": Spec("float", minimum=0.0, maximum=1.0, above=True),
     "pool": Spec("choice", choices=("mean", "first", "flatten")),
     # the deployment distribution (independent missing rates, parsed by mmdiag.deployment) and new
     # data scored for distribution shift
     "missing": Spec("pairs", optional=True, hint="MODALITY=RATE, e.g. rgb=0.3,depth=0.5"),
     "ood_data": TEXT, "restore": PATH, "ood_quantile": Spec("float", minimum=0.0, maximum=1.0, above=True, optional=True),
+    # experiment trackers (mmdiag.integrations.trackers.parse_target reads each)
+    "log_to": Spec("strings", optional=True, hint="TRACKER[:WHERE], e.g. tensorboard:runs or mlflow"),
 }
 #: ``rebalance --baseline`` is a switch (also train the plain model); ``analyze --baseline`` a report path.
 REBALANCE: dict[str, Spec] = {**SETTINGS, "baseline": BOOL}

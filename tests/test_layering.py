@@ -28,7 +28,7 @@ LAYERS = {
     # running the model (collection, training), rendering, comparing and gating reports
     "collect": 4, "train": 4, "specs": 4, "render": 4, "gate": 4, "gate_annotations": 4, "compare": 4, "deploy": 4,
     # the library's entry points
-    "api": 5, "rebalance": 6, "demo": 6,
+    "api": 5, "rebalance": 6, "acquire": 6, "demo": 6,
     # adapters to other frameworks (optional dependencies imported only here)
     "integrations": 7,
     "cli": 8, "__main__": 9, "__init__": 9,
@@ -43,6 +43,11 @@ ONLY_IN = {
     "captum": {"collect"},
     "lightning": {"integrations"},
     "pytorch_lightning": {"integrations"},
+    "transformers": {"integrations"},
+    "accelerate": {"integrations"},
+    "tensorboard": {"integrations"},
+    "mlflow": {"integrations"},
+    "wandb": {"integrations"},
 }
 # mmdiag modules that only some others may import: the demo data stays apart from the core
 IMPORTED_ONLY_BY = {"examples_data": {"demo"}}
@@ -105,3 +110,16 @@ def test_only_runtime_imports_torch_distributed():
         for name in imports_of(path):
             assert not name.startswith("torch.distributed"), (
                 f"{path.relative_to(ROOT)} imports {name}; use mmdiag.runtime.distributed")
+
+
+def test_the_core_and_the_cli_import_no_optional_integration():
+    """`import mmdiag` and loading the CLI must stay light: the optional libraries load only when used."""
+    import subprocess
+    import sys
+
+    optional = ("lightning", "transformers", "accelerate", "mlflow", "wandb", "tensorboard")
+    code = ("import sys, mmdiag, mmdiag.cli.app; "
+            f"print(','.join(m for m in {optional!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"imported at start-up: {out.stdout.strip()}"

@@ -243,6 +243,46 @@ def test_make_fix_parses_text_values() -> None:
     assert make_fix("agm", {"agm": {"alpha": 5.0}, "agm.cap": 3}).params()["cap"] == 3
 
 
+@pytest.mark.parametrize("name", ["mmanet", "dmrnet", "restore"])
+def test_missing_modality_fixes_keep_the_uniform_mix_and_say_so(name: str) -> None:
+    from mmdiag.rebalance.choice import deployment_training_note
+
+    dep = {"missing": {"audio": 0.4}}
+    note = deployment_training_note(name, {"dmrnet.beta": "0.3"}, dep)
+    assert note is not None and note.startswith(f"{name} trains on the uniform mix over the non-empty combinations")
+    assert "deployment distribution of `missing` (independent missing rates audio=0.4)" in note
+    assert "`fix_params` missing=audio=0.4 trains it on that distribution instead" in note
+    # the parameters are the user's: the fix keeps its uniform default
+    fix = make_fix(name, {"dmrnet.beta": "0.3"})
+    assert fix.missing is None and fix.combinations is None
+    combos = {"combinations": {"audio+visual": 0.7, "visual": 0.3}}
+    said = deployment_training_note(name, None, combos)
+    assert said is not None and "`combinations` (combinations audio+visual=0.7, visual=0.3)" in said
+    assert "`fix_params` combinations=audio+visual=0.7,visual=0.3" in said
+    # the value the note offers is one the fix takes, and it draws the deployment distribution
+    from mmdiag.fixes._combinations import mask_distribution
+
+    offered = make_fix(name, {"missing": "audio=0.4"})
+    mods = ["audio", "visual"]
+    assert (mask_distribution(mods, offered.missing, offered.combinations)
+            == pytest.approx(mask_distribution(mods, **dep)))
+    assert mask_distribution(mods, fix.missing, fix.combinations) != pytest.approx(mask_distribution(mods, **dep))
+    # a setting of the fix's own (an explicit uniform none included, or one for this fix only): no note
+    for own in ({"missing": "visual=0.2"}, {"missing": "none"}, {f"{name}.combinations": "visual=1"},
+                {name: {"missing": "audio=0.1"}}):
+        assert deployment_training_note(name, own, dep) is None
+    assert make_fix(name, {"missing": "none"}).missing is None
+    assert deployment_training_note(name, None, None) is None
+    assert deployment_training_note(name, None, {"missing": None, "combinations": None}) is None
+
+
+def test_fixes_without_a_training_distribution_get_no_note() -> None:
+    from mmdiag.rebalance.choice import deployment_training_note
+
+    for name in ("ogm_ge", "modality_dropout", "none"):
+        assert deployment_training_note(name, {"x": 1}, {"missing": {"audio": 0.4}}) is None
+
+
 def test_gradient_scaling_fix_under_adam_says_so(ws: Path) -> None:
     args = ["rebalance", "--model", "toy_model.py:build", "--data", "train.npz", "--out", "adam", "--fix", "ogm_ge",
             "--optimizer", "adam", "--epochs", "1", "--device", "cpu", "--only", "unimodal", "--bootstrap", "0",

@@ -12,6 +12,7 @@ from rich.markup import escape
 from mmdiag.cli import config as cfg
 from mmdiag.cli import options as opt
 from mmdiag.cli.common import STATE, ProgressBar, console, err_console, handle_errors, parse_pairs, prepare_out_dir, split_list
+from mmdiag.cli.log_to import check_targets, log_report_to
 from mmdiag.cli.summary import print_details, print_summary, print_warnings
 from mmdiag.errors import ConfigError, MmdiagWarning
 from mmdiag.io import staged_folder
@@ -41,7 +42,7 @@ SETTINGS = (
     "bootstrap", "only", "skip",
     "max_subsets", "max_probe_samples", "probe_data", "per_sample", "out", "overwrite", "nan_policy",
     "balance_of", "save_evidence", "num_classes", "run_gate", "baseline", "restore", "missing", "ood_data",
-    "ood_quantile",
+    "ood_quantile", "log_to",
 )
 
 
@@ -138,6 +139,7 @@ def analyze(
     run_gate: bool = typer.Option(False, "--gate", help="After the analysis, check the rules of [gate] in the config (exit 1 when one fails)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Earlier report.json that 'baseline' in gate rules refers to."),
     restore: Optional[Path] = typer.Option(None, "--restore", help="Folder holding restore.safetensors (from `rebalance --fix restore`): evaluate every modality combination with the missing modalities restored by that translator instead of masked."),
+    log_to: Optional[list[str]] = opt.LOG_TO,
 ) -> None:
     """Diagnose modality imbalance of a trained multimodal classifier."""
     from mmdiag.api import analyze_with
@@ -164,6 +166,7 @@ def analyze(
     elif ctx.params.get("baseline") is not None:  # the flag itself (a config may hold one for --gate)
         raise ConfigError("--baseline names the report that 'baseline' in gate rules refers to, so it needs "
                           "--gate; add --gate, or leave --baseline out.")
+    trackers = check_targets(o.get("log_to"))
     out_dir = prepare_out_dir(Path(o["out"]), bool(o["overwrite"]))
     # under torchrun every process evaluates a shard; evidence is gathered, rank 0 writes
     from mmdiag.runtime import is_main_process, join
@@ -204,6 +207,7 @@ def analyze(
         write_outputs(report, stage, per_sample=report.diagnostics if o.get("per_sample") else None)
         if o.get("save_evidence"):
             ev.save(stage / "evidence.pt")
+    log_report_to(trackers, report, out_dir, quiet or as_json)
     if as_json:  # the report document itself, for scripts (warnings stay on stderr)
         typer.echo(report.to_json())
     elif quiet:

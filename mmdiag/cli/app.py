@@ -7,6 +7,8 @@ from typing import Optional
 import typer
 
 from mmdiag._version import __version__
+from mmdiag.cli.acquire_cmd import HELP as ACQUIRE_HELP
+from mmdiag.cli.acquire_cmd import acquire
 from mmdiag.cli.analyze import HELP as ANALYZE_HELP
 from mmdiag.cli.analyze import analyze
 from mmdiag.cli.common import STATE, console
@@ -55,6 +57,7 @@ app.command("rebalance", help=REBALANCE_HELP)(rebalance)
 app.command("gate", help=GATE_HELP)(gate)
 app.command("render")(render)
 app.command("compare")(compare)
+app.command("acquire", help=ACQUIRE_HELP)(acquire)
 
 
 def main() -> None:

@@ -10,7 +10,9 @@ from typing import Any, Callable, Iterator, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from mmdiag.cli.flags import to_cli
 from mmdiag.errors import (ConfigError, MmdiagError, UserCodeError, exception_message, raised_in_user_code,
@@ -22,6 +24,23 @@ err_console = Console(stderr=True)
 STATE: dict[str, bool] = {"debug": False, "verbose": False}
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def print_table(out: Console, table: Table) -> None:
+    """Print a rich table with no value or key cut short: at the console's width when the whole
+    table fits it, otherwise at the table's natural width (a CI log or a pipe would otherwise get
+    the default 80 columns, and a narrow terminal ``0.…`` for every number; a terminal wraps the
+    long lines instead, which loses nothing)."""
+    natural = Measurement.get(out, out.options.update(width=10_000), table).maximum
+    if natural <= out.width:
+        out.print(table)
+        return
+    width = out.width
+    out.width = natural  # rich clamps a print's width to the console's
+    try:
+        out.print(table)
+    finally:
+        out.width = width
 
 
 def handle_errors(fn: F) -> F:

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mmdiag.cli.common import console, handle_errors
+from mmdiag.cli.common import console, handle_errors, print_table
 
 
 def _f(v: float | None, signed: bool = False) -> str:
@@ -25,8 +25,8 @@ def _ci(lo: float | None, hi: float | None) -> str:
 
 @handle_errors
 def compare(
-    a: Path = typer.Argument(..., help="The first report.json (e.g. before retraining)."),
-    b: Path = typer.Argument(..., help="The second report.json (e.g. after retraining)."),
+    a: Path = typer.Argument(..., metavar="REPORT_A", help="The first report.json (e.g. before retraining)."),
+    b: Path = typer.Argument(..., metavar="REPORT_B", help="The second report.json (e.g. after retraining)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write compare.csv, compare.json and compare.png here."),
     label_a: str = typer.Option("A", "--label-a", help="Name of the first report in the outputs."),
     label_b: str = typer.Option("B", "--label-b", help="Name of the second report in the outputs."),
@@ -69,7 +69,7 @@ def compare(
         sep = {True: "[bold]yes[/]", False: "no", None: "-"}[r.separated]
         table.add_row(escape(r.key), escape(_f(r.value_a) + _ci(r.ci_a_low, r.ci_a_high)),
                       escape(_f(r.value_b) + _ci(r.ci_b_low, r.ci_b_high)), _f(r.diff, signed=True), sep)
-    console.print(table)
+    print_table(console, table)
     va, vb = ra.verdict, rb.verdict
     console.print(f"verdict {label_a}: {va.headline()}", highlight=False)
     console.print(f"verdict {label_b}: {vb.headline()}", highlight=False)

@@ -31,7 +31,15 @@ FLAGS: dict[str, str] = {
     # gate
     "bound": "--bound", "baseline": "--baseline",
     # training
-    "optimizer": "--optimizer", "init": "--init", "out_dir": "--out", "grad_clip": "--grad-clip",
+    "optimizer": "--optimizer", "init": "--init", "fix": "--fix", "fix_params": "--fix-param", "out_dir": "--out",
+    "grad_clip": "--grad-clip",
+    # experiment trackers
+    "log_to": "--log-to",
+    # acquisition
+    "budget": "--budget", "initial": "--initial", "rounds": "--rounds", "seeds": "--seeds",
+    "resume": "--resume", "policy": "--policy",
+    # several fixes (leaderboard, race)
+    "objective": "--objective", "holdout": "--holdout", "jobs": "--jobs",
 }
 
 _REFERENCE = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")

@@ -33,7 +33,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mmdiag.cli import config as cfg
-from mmdiag.cli.common import console, err_console, handle_errors
+from mmdiag.cli.common import console, err_console, handle_errors, print_table
 from mmdiag.cli.flags import to_cli
 from mmdiag.errors import ConfigError, GateError
 from mmdiag.registry import closest
@@ -126,7 +126,7 @@ def gate_table(result: Any) -> Table:
 
 def print_gate(result: Any, out: Console) -> None:
     """Table plus a closing line with the counts and the exit code."""
-    out.print(gate_table(result))
+    print_table(out, gate_table(result))
     counts = ", ".join(f"{result.count(s)} {s.lower()}" for s in ("PASS", "WARN", "FAIL", "ERROR"))
     colour = "green" if result.exit_code == 0 else "red"
     word = {0: "passed", 1: "failed", 2: "usage error"}[result.exit_code]
@@ -208,7 +208,7 @@ def resolve_gate(conf: Mapping[str, Any], source: str | None, cli_rules: list[st
 
 @handle_errors
 def gate(
-    report: Path = typer.Argument(..., help="The report.json to check."),
+    report: Path = typer.Argument(..., metavar="REPORT", help="The report.json to check."),
     rule: Optional[list[str]] = typer.Option(None, "--rule", "-r", metavar="RULE", help="A rule such as 'shapley.visual >= 0.15' (repeatable; replaces the config's rules)."),
     warn_rule: Optional[list[str]] = typer.Option(None, "--warn-rule", metavar="RULE", help="A rule that only warns when it fails (repeatable)."),
     baseline: Optional[Path] = typer.Option(None, "--baseline", "-b", help="Earlier report.json that 'baseline' in rules refers to."),

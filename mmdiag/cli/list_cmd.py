@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mmdiag.cli.common import console, err_console, handle_errors
+from mmdiag.cli.common import console, err_console, handle_errors, print_table
 
 
 def _diagnostics_table() -> tuple[Table, dict[str, str]]:
@@ -70,7 +70,7 @@ def list_command(
         from mmdiag.errors import ConfigError
 
         raise ConfigError(f"mmdiag list takes 'diagnostics' or 'fixes'; found {what!r}.")
-    console.print(table)
+    print_table(console, table)
     for name, why in skipped.items():
         err_console.print(f"[bold yellow]skipped plug-in[/] {escape(name)}: {escape(why)}", highlight=False,
                           soft_wrap=True)

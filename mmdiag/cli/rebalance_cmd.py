@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -16,9 +17,11 @@ from rich.table import Table
 from mmdiag.cli import config as cfg
 from mmdiag.cli import options as opt
 from mmdiag.cli.analyze import SETTINGS as ANALYZE_SETTINGS, adapter_spec, analysis_spec
-from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, split_list
+from mmdiag.cli.common import ProgressBar, console, err_console, handle_errors, print_table, split_list
 from mmdiag.cli.flags import to_cli
+from mmdiag.cli.log_to import check_targets, log_rebalance_to
 from mmdiag.errors import ConfigError, MmdiagWarning
+from mmdiag.fixes import FIXES
 from mmdiag.io import write_atomic
 from mmdiag.rebalance.run import AnalysisProgress
 from mmdiag.registry import closest
@@ -33,20 +36,27 @@ Analyzes --model/--checkpoint on --val-data (before/), trains with --fix (a fix 
 fix the verdict recommends) for --epochs on --data, optionally trains the plain model under the same
 budget and seed (--baseline), analyzes the results (after/, baseline/) and writes OUT/model.safetensors,
 OUT/history.csv, OUT/comparison.json and OUT/comparison.csv. An interrupted run continues with
---resume OUT."""
+--resume OUT.
+
+--fix a,b,c or --fix all trains each fix and the plain baseline under the same budget and seed and
+writes OUT/leaderboard.csv/.json/.png/.html ranked by --objective; --fix race (or --fix auto --race)
+picks the fix by successive halving on held-out training rows and writes what one fix writes plus
+OUT/race.csv."""
 
 #: Flags that config files (top level or the [rebalance] table) may set.
 SETTINGS = (
     "model", "checkpoint", "data", "val_data", "modalities", "call", "encoder", "head", "mask", "mask_at",
     "trust_checkpoint", "checkpoint_key", "strip_prefix", "fix", "fix_param", "epochs", "optimizer", "lr",
     "weight_decay", "momentum", "batch_size", "seed", "device", "init", "baseline", "grad_clip", "bootstrap",
-    "only", "skip", "format", "out", "overwrite", "nan_policy", "num_classes", "missing",
+    "only", "skip", "format", "out", "overwrite", "nan_policy", "num_classes", "missing", "log_to",
+    "objective", "jobs", "race", "candidates", "holdout",
 )
 #: Settings that define the training; a resumed run must not change them.
 TRAINING_KEYS = (
     "model", "checkpoint", "checkpoint_key", "strip_prefix", "data", "val_data", "modalities", "call", "encoder",
     "head", "mask", "mask_at", "fix", "fix_param", "epochs", "optimizer", "lr", "weight_decay", "momentum",
-    "batch_size", "seed", "init", "baseline", "grad_clip", "nan_policy", "num_classes",
+    "batch_size", "seed", "init", "baseline", "grad_clip", "nan_policy", "num_classes", "objective", "race",
+    "candidates", "holdout",
 )
 _RUN_FILE = "run.json"
 #: The config tables a run keeps in run.json for --resume.
@@ -210,7 +220,7 @@ def _resume_options(ctx: typer.Context, o: dict[str, Any], folder: Path) -> tupl
             f"--resume {folder} continues a run with its own settings; these flags differ: {'; '.join(changed)}. "
             "Drop them, or start a new run with another --out."
         )
-    for key in ("device", "quiet", "bootstrap", "only", "skip", "format"):
+    for key in ("device", "quiet", "bootstrap", "only", "skip", "format", "jobs"):
         src = getattr(ctx.get_parameter_source(key), "name", None)
         if src == "COMMANDLINE":
             opts[key] = o.get(key)
@@ -249,7 +259,7 @@ def rebalance(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Weights of the trained model (the 'before' model)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: FILE.npz, FILE.pt or FILE.py:fn."),
     val_data: Optional[str] = typer.Option(None, "--val-data", help="Validation data for the analyses and the history."),
-    fix: str = typer.Option("auto", "--fix", "-f", help="A fix name (mmdiag list fixes) or auto: the fix the diagnosis recommends."),
+    fix: str = typer.Option("auto", "--fix", "-f", help="A fix name (mmdiag list fixes), auto: the fix the diagnosis recommends, a list a,b,c or all: a leaderboard, or race: the fix that wins successive halving."),
     fix_param: Optional[list[str]] = typer.Option(None, "--fix-param", metavar="[FIX.]KEY=VALUE", help="KEY=VALUE parameter of the fix (repeatable; FIX.KEY=VALUE for one fix only)."),
     epochs: int = typer.Option(20, "--epochs", help="Training epochs (fix run and baseline)."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, adam or adamw."),
@@ -261,6 +271,11 @@ def rebalance(
     device: str = opt.DEVICE,
     init: str = typer.Option("scratch", "--init", help="scratch (fresh model from the factory) or checkpoint (fine-tune)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also train the plain model (fix none) under the same budget and seed."),
+    objective: str = typer.Option("fused", "--objective", help="Leaderboard ranking and race selection: fused, weakest, balance or deployment (needs --missing)."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Leaderboard and race: candidates trained at once, one process each."),
+    race: bool = typer.Option(False, "--race", help="With --fix auto: pick the fix by a race (as --fix race)."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="Comma-separated fixes of a race (default: every registered fix and none)."),
+    holdout: float = typer.Option(0.2, "--holdout", help="Race: fraction of the training rows held out to score the rungs (not trained on)."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Clip the global gradient norm to this value."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run whose --out was DIR."),
     modalities: Optional[str] = opt.MODALITIES,
@@ -274,7 +289,7 @@ def rebalance(
     strip_prefix: Optional[str] = opt.STRIP_PREFIX,
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of the analyses' 95% intervals."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated diagnostics for the analyses."),
-    missing: Optional[str] = opt.MISSING,
+    missing: Optional[str] = opt.MISSING_REBALANCE,
     skip: Optional[str] = typer.Option(None, "--skip", help="Comma-separated diagnostics to leave out of the analyses."),
     format: Optional[str] = typer.Option(None, "--format", help="Report renderings of before/after/baseline: json,csv,html,png."),
     nan_policy: str = opt.NAN_POLICY,
@@ -283,9 +298,11 @@ def rebalance(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an --out that holds an earlier run."),
     config: Optional[Path] = opt.CONFIG,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; print only the result line."),
+    log_to: Optional[list[str]] = opt.LOG_TO,
 ) -> None:
     """Retrain with the fix the diagnosis calls for, and compare before / after / baseline."""
     from mmdiag.loading import build_model
+    from mmdiag.cli import leaderboard_view as many
     from mmdiag.rebalance import rebalance as run_rebalance
     from mmdiag.train import Interrupted
 
@@ -297,6 +314,8 @@ def rebalance(
         o, tables = _fresh_options(ctx, config)
         out_dir = Path(o["out"])
     _check_options(o, tables["fix_params"])
+    many.check_objective_data(o, tables["params"])  # before run.json is written
+    trackers = check_targets(o.get("log_to"))
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0  # under torchrun only rank 0 writes
     if resume is None and main_rank:
         _check_out(out_dir, bool(o.get("overwrite")))
@@ -310,11 +329,13 @@ def rebalance(
     settings = {"model": spec, "checkpoint": None if not o.get("checkpoint") else str(o["checkpoint"]),
                 "data": o["data"], "val_data": o.get("val_data")}
     quiet = bool(o.get("quiet", quiet))
+    mode = many.mode_of(o)
     try:
         with _TrainBar(not quiet) as bar, warnings.catch_warnings():
             warnings.simplefilter("ignore", MmdiagWarning)  # printed from the reports' notes below
-            result = run_rebalance(
-                lambda: build_model(spec, kwargs), train_ds, val_data=val_ds,
+            run = run_rebalance if mode is None else many.runner(mode, o)
+            result = run(  # a partial, not a lambda: --jobs sends the factory to other processes
+                functools.partial(build_model, spec, kwargs), train_ds, val_data=val_ds,
                 checkpoint=o.get("checkpoint"), trust_checkpoint=bool(o.get("trust_checkpoint")),
                 checkpoint_key=o.get("checkpoint_key"), strip_prefix=o.get("strip_prefix"),
                 fix=o["fix"], fix_params=tables["fix_params"], init=o["init"], baseline=bool(o["baseline"]),
@@ -327,8 +348,16 @@ def rebalance(
         err_console.print(f"[yellow]interrupted[/] at epoch {exc.epoch}, batch {exc.batch}; the state is saved. "
                           f"Continue with: mmdiag rebalance --resume {out_dir}", highlight=False)
         raise typer.Exit(130) from None
-    if main_rank and result.after is not None:  # under torchrun only rank 0 prints
+    except KeyboardInterrupt:  # outside training (an analysis, a setup step)
+        can_resume = out_dir is not None and (Path(out_dir) / _RUN_FILE).is_file()
+        err_console.print("[yellow]interrupted[/]" + (f"; continue with: mmdiag rebalance --resume {out_dir}"
+                                                      if can_resume else ""), highlight=False)
+        raise typer.Exit(130) from None
+    if main_rank and mode is not None:
+        result = many.show(result, quiet, out_dir)
+    if main_rank and result is not None and result.after is not None:  # under torchrun only rank 0 prints
         _print_result(result, quiet, out_dir)
+        log_rebalance_to(trackers, result, out_dir, quiet)
 
 
 def _fresh_options(ctx: typer.Context, config: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -356,6 +385,7 @@ def _fresh_options(ctx: typer.Context, config: Path | None) -> tuple[dict[str, A
 
 def _check_options(o: dict[str, Any], fix_params: dict[str, Any]) -> None:
     """The options a run needs, and a named fix with its parameters, checked before anything runs."""
+    from mmdiag.cli.leaderboard_view import check_many
     from mmdiag.rebalance import make_fix
     from mmdiag.train import OPTIMIZERS
 
@@ -371,8 +401,14 @@ def _check_options(o: dict[str, Any], fix_params: dict[str, Any]) -> None:
         raise ConfigError("--init checkpoint fine-tunes the trained weights, so it needs --checkpoint FILE.")
     if int(o["epochs"]) < 1:
         raise ConfigError(f"--epochs must be at least 1; found {o['epochs']}.")
-    if o["fix"] != "auto":
-        make_fix(o["fix"], fix_params)  # unknown fix or parameter: exit 2 before anything runs
+    if check_many(o, fix_params) is None and o["fix"] != "auto":
+        try:  # unknown fix or parameter: exit 2 before anything runs
+            make_fix(o["fix"], fix_params)
+        except ConfigError as exc:
+            if o["fix"] in FIXES:
+                raise
+            raise ConfigError(f"{exc} `fix` also takes auto (the verdict's choice), all (a leaderboard of "
+                              "every fix), race (successive halving) or a comma-separated list of fixes.") from None
 
 
 def _load_data(o: dict[str, Any], data_kwargs: dict[str, Any]) -> tuple[Any, Any, tuple[str, ...]]:
@@ -418,17 +454,21 @@ def _print_result(result: Any, quiet: bool, out_dir: Path) -> None:
                 err_console.print(f"[bold yellow]warning:[/] {escape(to_cli(note))}", highlight=False,
                                   soft_wrap=True)
     if not quiet:
-        console.print(comparison_table(result.comparison, result.fix, result.before is not None,
-                                       result.baseline is not None, result.after))
+        print_table(console, comparison_table(result.comparison, result.fix, result.before is not None,
+                                              result.baseline is not None, result.after))
         if result.after is not None:
             console.print(f"[bold]verdict after {escape(result.fix)}:[/] {escape(result.after.verdict.headline())}",
                           highlight=False)
+            headline = result.after.verdict.headline()
             for reason in result.after.verdict.reasons:
-                console.print(f"  - {escape(to_cli(reason))}", highlight=False)
+                if reason not in headline:  # the headline of "no dominance" already holds its one reason
+                    console.print(f"  - {escape(to_cli(reason))}", highlight=False)
     console.print(_result_line(result), highlight=False, soft_wrap=True)
     if not quiet:
-        console.print(f"[dim]wrote {out_dir / 'model.safetensors'}, {out_dir / 'history.csv'} and "
-                      f"{out_dir / 'comparison.csv'}[/]")
+        console.print(f"[dim]wrote {out_dir / 'model.safetensors'}, {out_dir / 'history.csv'}, "
+                      f"{out_dir / 'comparison.csv'} and the reports {out_dir / 'after'}/report.json"
+                      + (f", {out_dir / 'baseline'}/report.json" if result.baseline is not None else "") + "[/]",
+                      soft_wrap=True)
 
 
 def _result_line(result: Any) -> str:

@@ -12,7 +12,7 @@ from mmdiag.cli.common import console, handle_errors
 
 @handle_errors
 def render(
-    report: Path = typer.Argument(..., help="The report.json to render."),
+    report: Path = typer.Argument(..., metavar="REPORT", help="The report.json to render."),
     format: str = typer.Option("html,md,csv,png", "--format", "-f",
                                help="Comma-separated outputs: html, md, csv, png, json."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: the report's folder)."),

@@ -7,16 +7,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mmdiag.cli.common import print_table
 from mmdiag.cli.flags import to_cli
 from mmdiag.report import Report
-from mmdiag.report_text import LEGEND, summary_rows, summary_text, verdict_lines
+from mmdiag.report_text import legend, summary_rows, summary_text, verdict_lines
 
 
 def summary_table(report: Report, width: int | None = None) -> Table:
     """Diagnostics as rows (the verdict's evidence first), modalities as columns: value [low, high].
 
-    When the one-line table is wider than ``width``, each interval goes under its value and the
-    frame is dropped, so nothing is cut short at 80 columns.
+    When the one-line table is wider than ``width``, each interval (and a "too wide" mark, and a
+    row's kind of cells) goes on a line of its own and the frame is dropped, so two or three
+    modalities fit 80 columns; a table that still does not fit is printed whole, never cut.
     """
     rows = summary_rows(report)
     one_line = sum(max(len(r[i]) for r in rows) + 3 for i in range(len(rows[0]))) + 1
@@ -30,9 +32,10 @@ def summary_table(report: Report, width: int | None = None) -> Table:
     failed = {f.diagnostic for f in report.failures}
     for row in rows[1:]:
         style = "dim" if row[0] in failed else None
-        cells = [c.replace(" [", "\n[", 1) if narrow else c for c in row[2:]]
+        cells = [c.replace(" [", "\n[", 1).replace(" (", "\n(", 1) if narrow else c for c in row[2:]]
         head = row[1].replace(" ", "\n", 1) if narrow else row[1]
-        table.add_row(escape(row[0]), escape(head), *(escape(c) for c in cells), style=style)
+        label = row[0].replace(" (", "\n(", 1) if narrow else row[0]
+        table.add_row(escape(label), escape(head), *(escape(c) for c in cells), style=style)
     return table
 
 
@@ -45,8 +48,8 @@ def print_summary(report: Report, console: Console, html_path: str | None = None
         for line in text.splitlines():
             console.print(to_cli(line), markup=False, highlight=False, soft_wrap=True)
         return
-    console.print(summary_table(report, console.width))
-    console.print(f"[dim]{escape(LEGEND)}[/]", highlight=False)
+    print_table(console, summary_table(report, console.width))
+    console.print(f"[dim]{escape(legend(report))}[/]", highlight=False)
     for f in report.failures:
         console.print(f"[dim]{f.diagnostic} {f.kind}: {escape(to_cli(f.error))}[/]", highlight=False)
     v = report.verdict

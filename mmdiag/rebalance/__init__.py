@@ -28,13 +28,22 @@ only rank 0 writes. With ``out_dir`` it writes::
     comparison.json, comparison.csv
 
 The package: :mod:`~mmdiag.rebalance.run` (the run), :mod:`~mmdiag.rebalance.choice` (which fix, with
-which parameters) and :mod:`~mmdiag.rebalance.result` (what is returned and written). Nothing here
+which parameters) and :mod:`~mmdiag.rebalance.result` (what is returned and written).
+
+Several fixes: :func:`leaderboard` trains a list of fixes (or all) and the plain baseline under one
+budget and ranks them (:mod:`~mmdiag.rebalance.board_run`, :mod:`~mmdiag.rebalance.board_table`,
+:mod:`~mmdiag.rebalance.scoring`); :func:`race` picks one by successive halving on held-out training
+rows and runs it as above (:mod:`~mmdiag.rebalance.race_run`, :mod:`~mmdiag.rebalance.halving`); both
+train each candidate in its own folder (:mod:`~mmdiag.rebalance.candidate`,
+:mod:`~mmdiag.rebalance.candidates`, :mod:`~mmdiag.rebalance.pool`). Nothing here
 prints or parses config files; the command line lives in ``mmdiag.cli.rebalance_cmd``.
 """
 
 from mmdiag.rebalance.choice import FALLBACK_FIX, choose_fix, make_fix, parse_param_value
 from mmdiag.rebalance.result import RebalanceResult
 from mmdiag.rebalance.run import DEFAULT_TRAINING, INITS, PhaseFn, rebalance
+from mmdiag.rebalance.board_run import leaderboard
+from mmdiag.rebalance.race_run import race
 
 __all__ = ["DEFAULT_TRAINING", "FALLBACK_FIX", "INITS", "PhaseFn", "RebalanceResult", "choose_fix", "make_fix",
-           "parse_param_value", "rebalance"]
+           "leaderboard", "parse_param_value", "race", "rebalance"]

@@ -16,8 +16,8 @@ from mmdiag.api import analyze_with
 from mmdiag.compare import compare_runs
 from mmdiag.errors import ConfigError, TrainError
 from mmdiag.fixes import FIXES, Fix
-from mmdiag.rebalance.choice import choose_fix, make_fix
-from mmdiag.rebalance.result import RebalanceResult, write_json, write_outputs
+from mmdiag.rebalance.choice import choose_fix, deployment_training_note, make_fix
+from mmdiag.rebalance.result import RebalanceResult, trained_translator, write_json, write_outputs
 from mmdiag.report import Report
 from mmdiag.runtime.batching import as_dataset
 from mmdiag.runtime.distributed import broadcast_object, is_main_process, process_group
@@ -105,14 +105,16 @@ class _Session:
         self.extra.update(checkpoint_settings(load_checkpoint(model, self.checkpoint, **self.load)))  # type: ignore[arg-type]
         return model
 
-    def analyze(self, stage: _Stage, name: str) -> _Stage:
-        """``stage`` with the analysis of its model on the validation data (the training data without)."""
+    def analyze(self, stage: _Stage, name: str, restore: Any = None) -> _Stage:
+        """``stage`` with the analysis of its model on the validation data (the training data without),
+        absent modalities restored by ``restore`` (a translator) instead of masked when given."""
         self.phase(f"analyze {name}")
         data = self.val_ds if self.val_ds is not None else self.train_ds
         rows = None if self.progress is None else (
             lambda _stage, done, total: self.phase(f"analyze {name}", AnalysisProgress(done, total)))
         report, ev = analyze_with(stage.model, data, self.adapter, self.analysis,  # type: ignore[arg-type,misc]
-                                  settings={**self.extra, "stage": name}, return_evidence=True, progress=rows)
+                                  settings={**self.extra, "stage": name}, return_evidence=True, progress=rows,
+                                  restore=restore)
         boot, seed = self.analysis.bootstrap, self.analysis.seed
         ci = [float(x) for x in bootstrap_mean_ci(ev.correct().numpy(), boot, seed)] if boot > 0 else None
         return dataclasses.replace(stage, report=report, ci=ci)
@@ -156,6 +158,7 @@ def rebalance(
     settings: Mapping[str, Any] | None = None,
     progress: PhaseFn | None = None,
     report_formats: str | Sequence[str] | None = None,
+    choice: Mapping[str, Any] | None = None,
 ) -> RebalanceResult:
     """Retrain with the fix the diagnosis calls for and compare before / after / baseline.
 
@@ -182,6 +185,8 @@ def rebalance(
         progress: ``progress(phase, train_progress_or_None)`` as phases start and batches finish.
         report_formats: renderings of the before/after/baseline reports (default: all, see
             :func:`mmdiag.render.write_outputs`).
+        choice: how a :class:`Fix` instance given as ``fix`` was chosen (``requested``, ``note``,
+            ``reasons``), recorded in ``fix.json`` and ``comparison.json``; default: given by the caller.
     """
     train = train if train is not None else DEFAULT_TRAINING
     analysis = analysis if analysis is not None else AnalysisSpec(seed=train.seed)
@@ -189,7 +194,7 @@ def rebalance(
     session = _session(factory, train_data, val_data, checkpoint, load, init, train, adapter or AdapterSpec(),
                        analysis, out_dir, resume, settings, progress)
     with process_group(train.device):
-        return _run(session, fix, fix_params, baseline, report_formats)
+        return _run(session, fix, fix_params, baseline, report_formats, choice)
 
 
 def _session(factory: Callable[[], nn.Module], train_data: Any, val_data: Any, checkpoint: Any,
@@ -220,7 +225,7 @@ def _session(factory: Callable[[], nn.Module], train_data: Any, val_data: Any, c
 
 
 def _run(s: _Session, fix: str | Fix, fix_params: Mapping[str, Any] | None, baseline: bool,
-         formats: str | Sequence[str] | None) -> RebalanceResult:
+         formats: str | Sequence[str] | None, given: Mapping[str, Any] | None = None) -> RebalanceResult:
     """Before, the fix choice, after and baseline, the comparison and the outputs (inside the process group)."""
     main = is_main_process()
     if s.out is not None and main:
@@ -228,6 +233,8 @@ def _run(s: _Session, fix: str | Fix, fix_params: Mapping[str, Any] | None, base
     # analyses run on every rank: under torchrun collect shards the rows and gathers the evidence
     before = s.analyze(_Stage(s.trained()), "before") if s.checkpoint is not None else _Stage()
     fix_obj, choice, base = _choose(s, fix, fix_params, before.report, baseline)
+    if given is not None and isinstance(fix, Fix):
+        choice = {**choice, **given, "used": fix_obj.name}
     baseline = baseline or base.model is not None
     _note_choice(s, fix_obj, choice)
     s.phase(choice_line(fix_obj.name, choice))  # said before the (long) training, not after
@@ -242,7 +249,11 @@ def _run(s: _Session, fix: str | Fix, fix_params: Mapping[str, Any] | None, base
                              history=after.history, baseline_model=base.model,  # type: ignore[arg-type]
                              baseline_history=base.history, before=before.report, out_dir=s.out if main else None,
                              notes=s.notes)
-    after = s.analyze(after, "after")
+    translator = trained_translator(after.history.aux if after.history is not None else None)
+    if translator is not None:  # the restore fix's deliverable: deployed with it, so analysed with it
+        s.notes.append("after: the modality combinations are evaluated with the restore fix's translator "
+                       "restoring the absent modalities (as `mmdiag.deploy.with_restoration` deploys it), not masked")
+    after = s.analyze(after, "after", restore=translator)
     if base.model is not None and base.report is None:
         base = s.analyze(base, "baseline")
     result.after, result.baseline = after.report, base.report
@@ -279,6 +290,9 @@ def _choose(s: _Session, fix: str | Fix, fix_params: Mapping[str, Any] | None, b
         FIXES.get(requested)
         choice = {"requested": requested, "used": requested, "recommended": None, "reasons": [],
                   "note": "named by the user"}
+    note = deployment_training_note(str(choice["used"]), fix_params, (s.analysis.params or {}).get("deployment"))
+    if note:
+        s.notes.append(note)
     return make_fix(str(choice["used"]), fix_params), choice, base
 
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from mmdiag.diagnostics.base import declared
 from mmdiag.io import write_atomic
 from mmdiag.report import Report, Result, interval
-from mmdiag.report_text import LEGEND, OLDER_REPORT_CELLS, TOO_WIDE, ordered_names, too_wide
+from mmdiag.report_text import OLDER_REPORT_CELLS, TOO_WIDE, legend, ordered_names, too_wide
 
 SEVERITY_COLOURS = {"strong": "#D55E00", "mild": "#E69F00", "none": "#009E73"}
 #: a settings entry with more values than this is folded into its own <details> block
@@ -265,7 +265,7 @@ def _overview_table(report: Report, colours: Mapping[str, str]) -> str:
                     + "".join(_cell(res, m, cells) for m in report.modalities) + "</tr>")
     return (f'<div class="wide"><table class="overview"><thead><tr><th>diagnostic</th><th class="what">what it '
             f"measures</th><th>headline</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
-            f'<p class="summary"><small>{_e(LEGEND)}.</small></p>')
+            f'<p class="summary"><small>{_e(legend(report))}.</small></p>')
 
 
 def too_wide_note(name: str, res: Result) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdiag.io import write_atomic
-from mmdiag.report_text import LEGEND, summary_rows
+from mmdiag.report_text import legend, summary_rows
 from mmdiag.report import Report
 
 #: settings shown in the Markdown (the HTML report shows them all)
@@ -58,7 +58,7 @@ def render_markdown(report: Report, title: str = "mmdiag report") -> str:
         lines.append("|---|---:|" + "---:|" * len(report.modalities))
         for row in summary_rows(report)[1:1 + len(report.diagnostics)]:  # reading order, labelled
             lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
-        lines += ["", f"Values are point estimates with 95% bootstrap intervals in brackets; {LEGEND}.", ""]
+        lines += ["", f"Values are point estimates with 95% bootstrap intervals in brackets; {legend(report)}.", ""]
     else:
         lines += ["No diagnostic produced a result.", ""]
     if report.failures:

@@ -20,8 +20,9 @@ from mmdiag.fixes.base import Fix, FixContext, PlainTraining, fix_step
 from mmdiag.runtime.batching import Batches, as_dataset
 from mmdiag.runtime.device import resolve_device
 from mmdiag.runtime.distributed import DistInfo, all_gather_objects, any_rank, join, sum_ranks
+from mmdiag.runtime.mask_stats import estimate_mask_stats
 from mmdiag.specs import TrainSpec
-from mmdiag.train.evaluate import evaluate
+from mmdiag.train.evaluate import STATS_ROWS, evaluate, leading_inputs
 from mmdiag.train.history import History, ProgressFn, TrainProgress
 from mmdiag.train.state import (CHECKPOINT, Interrupted, Position, StopFlag, TrainState, fresh_partial, json_params,
                                 load_training_checkpoint, seed_all)
@@ -165,6 +166,12 @@ def _prepare(adapter: ModelAdapter, train_data: Any, val_data: Any, fix: Fix, sp
 def _check_adapter(adapter: ModelAdapter, model: nn.Module, batches: Batches, batch_size: int, fix: Fix) -> int:
     """Check the adapter on one batch (in dataset order: no random numbers are drawn); the class count."""
     probe_inputs, _ = batches.get(range(min(len(batches), batch_size)))
+    return check_adapter(adapter, model, probe_inputs, fix)
+
+
+def check_adapter(adapter: ModelAdapter, model: nn.Module, probe_inputs: Mapping[str, torch.Tensor], fix: Fix) -> int:
+    """Check the adapter on ``probe_inputs`` (replaying the encoders, in eval mode, without gradients) and
+    that ``fix`` can run on this model; the class count. The training integrations call it too."""
     was_training = model.training
     model.eval()
     try:
@@ -239,6 +246,11 @@ def _epoch_order(run: _Run, epoch: int, pos: Position) -> tuple[torch.Tensor, li
 def _epoch(run: _Run, epoch: int, pos: Position, stop: StopFlag) -> None:
     """One epoch: its batches (from ``pos`` when resuming into it), then the epoch's row."""
     t0 = time.perf_counter()
+    if run.ctx.adapter.needs_stats():
+        # a `mean` / `noise` mask replaces absent modalities with the data's statistics; at the
+        # feature level they move as the encoders train, so they are re-estimated every epoch on
+        # the first training rows (the same rows on every process; no random numbers drawn)
+        estimate_mask_stats(run.ctx.adapter, leading_inputs(run.batches, run.spec.batch_size, STATS_ROWS), STATS_ROWS)
     epoch_rng, order = _epoch_order(run, epoch, pos)
     size = run.spec.batch_size
     chunks = [order[i:i + size] for i in range(0, len(order), size)]
