@@ -14,12 +14,13 @@ from mmdiag.gate import value_text
 _LEVEL = {"FAIL": "error", "ERROR": "error", "WARN": "warning"}
 
 
-def _data(text: str) -> str:
+def annotation_data(text: str) -> str:
+    """``text`` escaped as the message of a GitHub Actions workflow command."""
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def _prop(text: str) -> str:
-    return _data(text).replace(":", "%3A").replace(",", "%2C")
+    return annotation_data(text).replace(":", "%3A").replace(",", "%2C")
 
 
 def to_github(result: Any, file: str | None = None) -> str:
@@ -34,7 +35,7 @@ def to_github(result: Any, file: str | None = None) -> str:
         if level is None:
             continue
         title = _prop(f"mmdiag gate {o.status}: {o.rule}")
-        lines.append(f"::{level} title={title}{where}::{_data(f'measured {value_text(o)}; {o.message}')}")
+        lines.append(f"::{level} title={title}{where}::{annotation_data(f'measured {value_text(o)}; {o.message}')}")
     counts = ", ".join(f"{result.count(s)} {s.lower()}" for s in ("PASS", "WARN", "FAIL", "ERROR"))
-    lines.append(f"::notice title=mmdiag gate::{_data(f'{counts} (bound: {result.bound})')}")
+    lines.append(f"::notice title=mmdiag gate::{annotation_data(f'{counts} (bound: {result.bound})')}")
     return "\n".join(lines)

@@ -366,6 +366,16 @@ def test_github_format_annotates_each_rule_that_did_not_pass(tmp_path):
     assert not any("shapley.audio" in line for line in lines)
 
 
+def test_github_format_annotates_an_error_that_stops_the_gate(tmp_path):
+    synthetic_report().save(tmp_path / "report.json")
+    res = CliRunner().invoke(app, ["gate", str(tmp_path), "--format", "github", "--rule", "balance >= 0.6"])
+    assert res.exit_code == 2
+    notes = [line for line in res.output.splitlines() if line.startswith("::error title=mmdiag gate could not run::")]
+    assert len(notes) == 1 and f"did you mean {tmp_path / 'report.json'}?" in notes[0]
+    plain = CliRunner().invoke(app, ["gate", str(tmp_path), "--rule", "balance >= 0.6"])
+    assert plain.exit_code == 2 and "::error" not in plain.output
+
+
 def test_junit_system_out_says_pass_once(tmp_path):
     from mmdiag.gate import evaluate, parse_rule, to_junit
 

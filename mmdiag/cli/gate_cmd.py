@@ -22,10 +22,11 @@ key), a ``baseline`` rule without a baseline report.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import typer
 from rich.console import Console
@@ -35,7 +36,7 @@ from rich.table import Table
 from mmdiag.cli import config as cfg
 from mmdiag.cli.common import console, err_console, handle_errors, print_table
 from mmdiag.cli.flags import to_cli
-from mmdiag.errors import ConfigError, GateError
+from mmdiag.errors import ConfigError, GateError, MmdiagError
 from mmdiag.registry import closest
 
 HELP = """Check gate rules against a report.json; exit 0 (pass), 1 (a rule fails) or 2 (usage error).
@@ -222,6 +223,30 @@ def gate(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: ./mmdiag.toml or [tool.mmdiag] in ./pyproject.toml)."),
 ) -> None:
     """Check gate rules against a report.json."""
+    if output_format == "github":
+        with github_errors():
+            _gate(report, rule, warn_rule, baseline, bound, warn_only, junit, markdown, as_json, output_format,
+                  missing, config)
+    else:
+        _gate(report, rule, warn_rule, baseline, bound, warn_only, junit, markdown, as_json, output_format,
+              missing, config)
+
+
+@contextlib.contextmanager
+def github_errors() -> Iterator[None]:
+    """An error that stops the gate (exit 2) also as a GitHub Actions annotation, so the job's
+    summary shows why no rule was checked (the message itself still goes to stderr)."""
+    try:
+        yield
+    except MmdiagError as exc:
+        from mmdiag.gate_annotations import annotation_data
+
+        typer.echo(f"::error title=mmdiag gate could not run::{annotation_data(to_cli(str(exc)))}")
+        raise
+
+
+def _gate(report: Path, rule: Any, warn_rule: Any, baseline: Any, bound: Any, warn_only: Any, junit: Any,
+          markdown: Any, as_json: bool, output_format: str, missing: Any, config: Any) -> None:
     from mmdiag.report import Report
 
     if output_format not in ("table", "json", "github"):

@@ -270,7 +270,7 @@ def rebalance(
     seed: int = typer.Option(0, "--seed", help="Seed of the initialisation, data order, fixes and analyses."),
     device: str = opt.DEVICE,
     init: str = typer.Option("scratch", "--init", help="scratch (fresh model from the factory) or checkpoint (fine-tune)."),
-    baseline: bool = typer.Option(False, "--baseline", help="Also train the plain model (fix none) under the same budget and seed."),
+    baseline: bool = typer.Option(False, "--baseline/--no-baseline", help="Also train the plain model (fix none) under the same budget and seed (--no-baseline overrides a config that asks for it)."),
     objective: str = typer.Option("fused", "--objective", help="Leaderboard ranking and race selection: fused, weakest, balance or deployment (needs --missing)."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Leaderboard and race: candidates trained at once, one process each."),
     race: bool = typer.Option(False, "--race", help="With --fix auto: pick the fix by a race (as --fix race)."),
