@@ -34,3 +34,24 @@ def test_version_alias_and_completion():
 
 def test_unknown_fix_message_spells_fixes():
     assert "Known fixes:" in unknown_name_message("fix", "ogmge", ["ogm_ge"])
+
+
+def test_ctrl_c_while_the_command_line_starts_prints_no_traceback() -> None:
+    """A KeyboardInterrupt raised while ``mmdiag`` imports its modules (simulated in the import of
+    mmdiag.api) ends with "interrupted" and exit code 130; imported as a library it propagates."""
+    import subprocess
+    import sys
+
+    script = ("import builtins, sys\n"
+              "sys.argv = [sys.argv[1]]\n"
+              "real = builtins.__import__\n"
+              "def fake(name, *args, **kwargs):\n"
+              "    if name == 'mmdiag.api':\n"
+              "        raise KeyboardInterrupt\n"
+              "    return real(name, *args, **kwargs)\n"
+              "builtins.__import__ = fake\n"
+              "import mmdiag\n")
+    cli = subprocess.run([sys.executable, "-c", script, "mmdiag"], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 130 and cli.stderr.strip() == "interrupted", cli.stderr
+    library = subprocess.run([sys.executable, "-c", script, "my_notebook"], capture_output=True, text=True, timeout=120)
+    assert library.returncode != 130 and "KeyboardInterrupt" in library.stderr
