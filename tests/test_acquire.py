@@ -20,7 +20,9 @@ from mmdiag.acquire import policy as amcb
 from mmdiag.acquire.curves import area, curve_row, interval
 from mmdiag.acquire.diversity import kmeanspp
 from mmdiag.acquire.embeddings import FEATURE_GRADIENT, HEAD_SPLIT, READOUT_GRADIENT
-from mmdiag.acquire.evidence import contributions, difficulty, softmax
+from scipy.special import softmax
+
+from mmdiag.acquire.evidence import contributions, difficulty
 from mmdiag.acquire.pool import pool_pass
 from mmdiag.adapter import ModelAdapter
 from mmdiag.errors import ConfigError
@@ -124,7 +126,7 @@ def test_difficulty_matches_a_two_view_ds_combination_by_hand() -> None:
 def test_contributions_are_bmmal_two_player_shapley() -> None:
     z = np.random.default_rng(1).normal(size=(4, 6, 5))  # subsets none, m1, m2, both
     c = contributions(z)
-    p = softmax(z)
+    p = softmax(z, axis=-1)
     for i in range(6):
         y = p[3, i].argmax()
         d1 = 0.5 * ((p[3, i, y] - p[2, i, y]) + (p[1, i, y] - p[0, i, y]))
@@ -135,7 +137,7 @@ def test_contributions_are_bmmal_two_player_shapley() -> None:
 def test_contributions_for_three_modalities_match_permutation_shapley() -> None:
     z = np.random.default_rng(2).normal(size=(8, 4, 3))
     c = contributions(z)
-    p = softmax(z)
+    p = softmax(z, axis=-1)
     for i in range(4):
         y = p[7, i].argmax()
         phi = np.zeros(3)

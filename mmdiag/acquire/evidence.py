@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import softmax
 
 from mmdiag.diagnostics.evidential import fuse, opinion
 from mmdiag.stats import shapley_matrix
@@ -48,13 +49,6 @@ def difficulty(singleton_logits: list[np.ndarray], evidence_fn: str = "softplus"
     return Difficulty(np.stack(uncerts, axis=1), u_fused, conflict)
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax over the last axis (float64, shifted by the row maximum for stability)."""
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def contributions(subset_logits: np.ndarray) -> np.ndarray:
     """[N, M] per-sample contribution shares c_m = |Δ_m| / sum_j |Δ_j| (BMMAL, methods.md §17.6).
 
@@ -68,7 +62,7 @@ def contributions(subset_logits: np.ndarray) -> np.ndarray:
     """
     z = np.asarray(subset_logits, dtype=np.float64)
     n_modalities = int(round(np.log2(z.shape[0])))
-    probs = softmax(z)
+    probs = softmax(z, axis=-1)
     pred = probs[-1].argmax(axis=1)
     values = probs[:, np.arange(z.shape[1]), pred]  # [2^M, N]: v(S) per row
     delta = np.abs(shapley_matrix(n_modalities) @ values).T  # [N, M]
@@ -82,9 +76,3 @@ def bmmal_scales(shares: np.ndarray) -> np.ndarray:
     to the first), s_m = 1 − (c_dom − c_m) for the others (methods.md §17.6, read in BMMAL's code)."""
     dom = shares.max(axis=1, keepdims=True)
     return 1.0 - (dom - shares)
-
-
-def entropy(probs: np.ndarray) -> np.ndarray:
-    """[N] Shannon entropy −sum_k p_k ln p_k of each row (0 ln 0 = 0)."""
-    p = np.asarray(probs, dtype=np.float64)
-    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)

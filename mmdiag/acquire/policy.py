@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy.special import softmax
 
 from mmdiag.errors import ConfigError
 
@@ -74,11 +75,6 @@ class PolicyState:
 def new_state(modalities: Sequence[str], settings: PolicySettings | None = None) -> PolicyState:
     """θ = 0: before any reward, μ is the share-driven prior alone."""
     return PolicyState(tuple(modalities), (0.0,) * len(modalities), settings=settings or PolicySettings())
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
 
 
 def act(state: PolicyState, shares: Sequence[float], rng: np.random.Generator) -> tuple[np.ndarray, PolicyState]:

@@ -9,17 +9,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from mmdiag.acquire.embeddings import choose_method, embed_batch
 from mmdiag.adapter import ModelAdapter
 from mmdiag.collect.checks import eval_mode
-from mmdiag.collect.run import VERIFY_ROWS, Run
+from mmdiag.collect.run import VERIFY_ROWS
 from mmdiag.collect.settings import CollectSettings
-from mmdiag.collect.stats_pass import estimate_stats
 from mmdiag.errors import ConfigError, EvidenceError
 from mmdiag.evidence import members
 from mmdiag.runtime.device import resolve_device
+from mmdiag.runtime.mask_stats import estimate_mask_stats
 
 ProgressFn = Callable[[str, int, "int | None"], None]
 
@@ -81,16 +80,15 @@ def pool_inputs(pool: Any, modalities: Sequence[str]) -> dict[str, Tensor]:
 
 def prepare_adapter(adapter: ModelAdapter, inputs: Mapping[str, Tensor], batch_size: int, device: torch.device) -> None:
     """Verify the adapter on a few rows and estimate the mean/noise mask statistics of these
-    inputs if the mask needs them (as ``collect`` does for the data it evaluates)."""
+    inputs if the mask needs them (on the first ``stats_samples`` rows, as ``collect`` does for the
+    data it evaluates)."""
     sample = {m: t[:VERIFY_ROWS].to(device) for m, t in inputs.items()}
     adapter.verify(sample)
     if adapter.needs_stats():
-        n = next(iter(inputs.values())).shape[0]
-        # the statistics pass reads (inputs, labels) batches; the pool has no labels, so placeholders
-        rows = [({m: t[i] for m, t in inputs.items()}, 0) for i in range(n)]
-        loader = DataLoader(rows, batch_size=batch_size)
-        run = Run(adapter, CollectSettings(batch_size=batch_size, device=str(device)), None)
-        estimate_stats(run, loader)
+        rows = min(next(iter(inputs.values())).shape[0], CollectSettings().stats_samples)
+        batches = ({m: t[start:start + batch_size].to(device) for m, t in inputs.items()}
+                   for start in range(0, rows, batch_size))
+        estimate_mask_stats(adapter, batches, rows)
 
 
 def pool_pass(adapter: ModelAdapter, pool: Any, *, batch_size: int = 256, device: str = "auto", seed: int = 0,

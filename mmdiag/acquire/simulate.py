@@ -29,16 +29,13 @@ import torch
 from torch.utils.data import Subset
 
 from mmdiag.acquire import policy as amcb
-from mmdiag.acquire.pool import pool_inputs, prepare_adapter
 from mmdiag.acquire.curves import curve_row
 from mmdiag.acquire.select import KAPPA, rank_pool
 from mmdiag.acquire.strategies import STRATEGIES
-from mmdiag.collect.checks import eval_mode
 from mmdiag.errors import ConfigError
 from mmdiag.io import write_atomic, write_atomic_with
 from mmdiag.loading import ArrayDataset
 from mmdiag.rebalance.choice import make_fix
-from mmdiag.runtime.device import resolve_device
 from mmdiag.specs import AdapterSpec, TrainSpec
 from mmdiag.train import evaluate, fit
 
@@ -118,14 +115,8 @@ def round_seed(seed: int, round_: int) -> int:
 
 
 def evaluation_of(adapter: Any, data: Any, *, batch_size: int = 256, device: Any = "auto", seed: int = 0) -> dict[str, Any]:
-    """``{"accuracy": a, "unimodal": {m: a_m}}`` on ``data`` (see :func:`mmdiag.train.evaluate`).
-
-    With a ``mean`` or ``noise`` mask, the mask's statistics are estimated on ``data`` first (a
-    fresh adapter has none, and an absent modality would otherwise be filled with zeros).
-    """
-    if adapter.needs_stats():
-        with eval_mode(adapter.model):
-            prepare_adapter(adapter, pool_inputs(data, adapter.modalities), batch_size, resolve_device(device))
+    """``{"accuracy": a, "unimodal": {m: a_m}}`` on ``data`` (see :func:`mmdiag.train.evaluate`,
+    which estimates a ``mean`` or ``noise`` mask's statistics on ``data`` itself)."""
     ev = evaluate(adapter, data, batch_size=batch_size, device=device, seed=seed)
     return {"accuracy": ev["val_accuracy"], "unimodal": {m: ev[f"unimodal_acc.{m}"] for m in adapter.modalities}}
 

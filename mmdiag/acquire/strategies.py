@@ -14,7 +14,10 @@ from typing import Callable
 import numpy as np
 
 from mmdiag.acquire.diversity import kmeanspp
-from mmdiag.acquire.evidence import Difficulty, bmmal_scales, contributions, difficulty, entropy, softmax
+from scipy.special import softmax
+from scipy.stats import entropy
+
+from mmdiag.acquire.evidence import Difficulty, bmmal_scales, contributions, difficulty
 from mmdiag.acquire.pool import PoolPass
 from mmdiag.errors import ConfigError
 from mmdiag.registry import closest
@@ -44,7 +47,7 @@ class PoolScores:
 def pool_scores(passed: PoolPass) -> PoolScores:
     """:class:`PoolScores` of a pool pass."""
     singles = [passed.singleton(j) for j in range(len(passed.modalities))]
-    return PoolScores(passed.modalities, softmax(passed.logits), difficulty(singles),
+    return PoolScores(passed.modalities, softmax(np.asarray(passed.logits, dtype=np.float64), axis=1), difficulty(singles),
                       contributions(passed.subsets), passed.embeddings)
 
 
@@ -106,7 +109,7 @@ def random_choice(scores: PoolScores, budget: int, weights: np.ndarray, rng: np.
 def entropy_choice(scores: PoolScores, budget: int, weights: np.ndarray, rng: np.random.Generator,
                    kappa: float) -> Choice:
     """Maximum entropy: the B rows with the largest H(p) = −sum_k p_k ln p_k of the fused softmax."""
-    return _ranked(entropy(scores.probs), budget, len(scores.modalities))
+    return _ranked(entropy(scores.probs, axis=1), budget, len(scores.modalities))
 
 
 @register("badge")
