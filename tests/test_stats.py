@@ -93,3 +93,23 @@ def test_modality_intervals_are_plain_floats() -> None:
     out = stats.modality_intervals(("a", "v"), np.array([[0.1, 0.2], [0.3, 0.4]], dtype=np.float32))
     assert out == {"a": [pytest.approx(0.1), pytest.approx(0.2)], "v": [pytest.approx(0.3), pytest.approx(0.4)]}
     assert all(type(x) is float for lo_hi in out.values() for x in lo_hi)
+
+
+def test_shared_indices_are_the_fresh_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside shared_resamples a second reader of the same (n, n_boot, seed) gets the cached
+    indices, equal to a fresh draw outside the block; the counts built on them agree too."""
+    fresh = np.concatenate(list(bootstrap_indices(300, 70, 5)))
+    fresh_counts = np.concatenate(list(bootstrap_counts(300, 70, 5)))
+    with stats.shared_resamples():
+        first = np.concatenate(list(bootstrap_indices(300, 70, 5)))
+        assert (300, 70, 5) in stats._INDEX_CACHE
+        again = np.concatenate(list(bootstrap_indices(300, 70, 5)))
+        counts = np.concatenate(list(bootstrap_counts(300, 70, 5)))
+    assert not stats._INDEX_CACHE and not stats._COUNTS_CACHE
+    np.testing.assert_array_equal(first, fresh)
+    np.testing.assert_array_equal(again, fresh)
+    np.testing.assert_array_equal(counts, fresh_counts)
+    monkeypatch.setattr(stats, "_INDEX_CACHE_BYTES", 100)
+    with stats.shared_resamples():
+        list(bootstrap_indices(300, 70, 5))
+        assert not stats._INDEX_CACHE  # over the bound: drawn again next time

@@ -14,6 +14,7 @@ wall time; on a GPU, launch time unless the device is synchronised).
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import asdict
 from typing import Any, Iterable, Iterator
@@ -159,7 +160,8 @@ def collect(
     model.to(run.device)
     try:
         with eval_mode(model):
-            first = next(iter(run.batches(loader)), None)
+            stream = run.batches(loader)
+            first = next(stream, None)
             if first is None:
                 raise EvidenceError("The dataset is empty: there is nothing to evaluate.")
             # The adapter checks and the producers' checks look at a few rows: on the whole first
@@ -168,14 +170,23 @@ def collect(
             adapter.verify(sample)
             producers = _producers(run, set(wanted), sample)
             if adapter.needs_stats() or any(p.needs_stats for p in producers):
+                # the statistics pass reads the loader too: the main pass starts it afresh rather
+                # than hold two iterators of one DataLoader (persistent workers serve only one)
+                stream.close()
                 estimate_stats(run, stats_loader)
-            ev = _main_pass(run, producers, loader, rows)
+                stream = run.batches(loader)
+            else:
+                # the main pass goes on from the batch already read (loading it again cost a
+                # quarter of a plain pass on a 1k-row set)
+                stream = itertools.chain([first], stream)
+            ev = _main_pass(run, producers, stream, rows)
             return gather_evidence(ev, world) if sharded else ev
     finally:
         model.to(original_device)
 
 
-def _main_pass(run: Run, producers: list[Producer], loader: DataLoader, rows: list[int] | None) -> Evidence:
+def _main_pass(run: Run, producers: list[Producer], stream: Iterable[tuple[int, dict[str, Tensor], Tensor, dict[str, Tensor]]],
+               rows: list[int] | None) -> Evidence:
     a = run.adapter
     for p in producers:
         p.start()
@@ -190,7 +201,7 @@ def _main_pass(run: Run, producers: list[Producer], loader: DataLoader, rows: li
             active.remove(p)
 
     with torch.no_grad():
-        for offset, inputs, labels, extras in run.batches(loader):
+        for offset, inputs, labels, extras in stream:
             start = time.perf_counter()
             logits, feats = a.encode(inputs) if a.has_encoders else (a.call_model(inputs), None)
             check_finite(logits, "all modalities present")
