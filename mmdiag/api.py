@@ -25,10 +25,11 @@ from mmdiag._version import __version__
 from mmdiag.collect import CollectSettings, ProgressFn, collect
 from mmdiag.deploy import attach_restoration, check_restored
 from mmdiag.diagnostics import DIAGNOSTICS, Diagnostic
-from mmdiag.errors import ConfigError, MmdiagError, MmdiagWarning
-from mmdiag.evidence import ENCODER_KINDS, Evidence
+from mmdiag.diagnostics._running import run_diagnostics
+from mmdiag.errors import ConfigError, MmdiagWarning
+from mmdiag.evidence import Evidence
 from mmdiag.loading.ood import load_new_data
-from mmdiag.report import Failure, Report, Result, json_safe
+from mmdiag.report import Report, json_safe
 from mmdiag.specs import AdapterSpec, AnalysisSpec
 from mmdiag.runtime.batching import as_dataset
 from mmdiag.stats import shared_resamples, within_chance
@@ -91,30 +92,6 @@ def build_diagnostics(names: Sequence[str], params: Mapping[str, Mapping[str, An
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"Bad parameters for diagnostic {n!r}: {exc}") from None
     return out
-
-
-def run_diagnostics(ev: Evidence, diagnostics: Sequence[Diagnostic]) -> tuple[dict[str, Result], list[Failure]]:
-    """Compute each diagnostic; a crash or missing evidence becomes a Failure, not a dead run."""
-    results: dict[str, Result] = {}
-    failures: list[Failure] = []
-    unavailable = ev.meta.get("unavailable", {})
-    for d in diagnostics:
-        missing = [k for k in d.needs if not ev.has(k)]
-        if missing:
-            reason = "; ".join(f"{k}: {unavailable.get(k, 'not collected')}" for k in missing)
-            # skipped (not applicable): encoder evidence of a black box, or a kind the setup ruled out
-            ruled_out = set(ev.meta.get("skipped_kinds", ()))
-            black_box = any(k in ENCODER_KINDS for k in missing) and not ev.meta.get("encoders")
-            kind = "skipped" if black_box or any(k in ruled_out for k in missing) else "error"
-            failures.append(Failure(d.name, f"needs {', '.join(missing)} evidence ({reason})", kind))
-            continue
-        try:
-            results[d.name] = d.compute(ev, results)
-        except MmdiagError as exc:
-            failures.append(Failure(d.name, str(exc), "error"))
-        except Exception as exc:  # noqa: BLE001 - a crashing diagnostic must not kill the run
-            failures.append(Failure(d.name, f"{type(exc).__name__}: {exc}", "error"))
-    return results, failures
 
 
 def chance_note(ev: Evidence, accuracy: float) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
+import threading
 from collections import OrderedDict
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -44,6 +44,8 @@ _COUNTS_CACHE: "OrderedDict[tuple[int, int, int], list[np.ndarray]]" = OrderedDi
 _COUNTS_CACHE_BYTES = 64 * 2**20
 _INDEX_CACHE_BYTES = 32 * 2**20
 _sharing = 0
+#: guards both caches: diagnostics that declare ``concurrent`` resample in a worker thread
+_CACHE_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -57,8 +59,9 @@ def shared_resamples() -> Iterator[None]:
     finally:
         _sharing -= 1
         if _sharing == 0:
-            _COUNTS_CACHE.clear()
-            _INDEX_CACHE.clear()
+            with _CACHE_LOCK:
+                _COUNTS_CACHE.clear()
+                _INDEX_CACHE.clear()
 
 
 def _remember(cache: "OrderedDict[tuple[int, int, int], list[np.ndarray]]", key: tuple[int, int, int],
@@ -66,18 +69,28 @@ def _remember(cache: "OrderedDict[tuple[int, int, int], list[np.ndarray]]", key:
     """Keep ``chunks`` under ``key``, dropping the least recently used entries beyond ``bound`` bytes."""
     if sum(c.nbytes for c in chunks) > bound:
         return
-    cache[key] = chunks
-    while sum(c.nbytes for entry in cache.values() for c in entry) > bound:
-        cache.popitem(last=False)
+    with _CACHE_LOCK:
+        cache[key] = chunks
+        while sum(c.nbytes for entry in cache.values() for c in entry) > bound:
+            cache.popitem(last=False)
+
+
+def _recall(cache: "OrderedDict[tuple[int, int, int], list[np.ndarray]]",
+            key: tuple[int, int, int]) -> list[np.ndarray] | None:
+    """The chunks kept under ``key`` (marked as recently used), or None."""
+    with _CACHE_LOCK:
+        chunks = cache.get(key)
+        if chunks is not None:
+            cache.move_to_end(key)
+        return chunks
 
 
 def bootstrap_indices(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Yield [chunk, n] arrays of resampling indices, ``n_boot`` rows in all, from a seeded
     generator (read-only: inside :func:`shared_resamples` they may be shared with later calls)."""
     key = (int(n), int(n_boot), int(seed))
-    cached = _INDEX_CACHE.get(key)
+    cached = _recall(_INDEX_CACHE, key)
     if cached is not None:
-        _INDEX_CACHE.move_to_end(key)
         yield from cached
         return
     # compact indices (n < 2^15 fits int16) keep a 5k-row resampling at 10 MB
@@ -131,9 +144,8 @@ def bootstrap_counts(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     ``_COUNTS_CACHE_BYTES``).
     """
     key = (int(n), int(n_boot), int(seed))
-    cached = _COUNTS_CACHE.get(key)
+    cached = _recall(_COUNTS_CACHE, key)
     if cached is not None:
-        _COUNTS_CACHE.move_to_end(key)
         for chunk in cached:
             yield chunk if chunk.dtype == np.float64 else chunk.astype(np.float64)
         return
@@ -174,12 +186,23 @@ def percentile_interval(draws: np.ndarray, level: float = 0.95, *, finite: bool 
     if draws.shape[0] == 0:
         return np.full(draws.shape[1:] + (2,), np.nan)
     alpha = (1.0 - level) / 2.0
-    # np.quantile is vectorised over the columns; nanquantile loops over them in Python (about
-    # 0.1 ms a column), so it is kept for draws that hold NaN
-    quantile = np.quantile if not np.isnan(draws).any() else np.nanquantile
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column gives NaN bounds
-        return np.stack([quantile(draws, alpha, axis=0), quantile(draws, 1.0 - alpha, axis=0)], axis=-1)
+    if not np.isnan(draws).any():  # np.quantile is vectorised over the columns
+        # infinite draws (kept without ``finite``) make inf - inf inside the interpolation: np.errstate
+        # (per thread, unlike warnings.catch_warnings) keeps that quiet
+        with np.errstate(invalid="ignore"):
+            return np.stack([np.quantile(draws, alpha, axis=0), np.quantile(draws, 1.0 - alpha, axis=0)], axis=-1)
+    # nanquantile loops over the columns in Python (about 0.1 ms a column), so it is kept for
+    # draws that hold NaN, and given only columns with a draw left: an all-NaN column would warn,
+    # and silencing that needs ``warnings.catch_warnings``, which is not safe beside another thread
+    columns = draws.reshape(draws.shape[0], -1)
+    bounds = np.full((columns.shape[1], 2), np.nan)
+    some = ~np.isnan(columns).all(axis=0)
+    if some.any():
+        kept = columns[:, some]
+        with np.errstate(invalid="ignore"):
+            bounds[some] = np.stack([np.nanquantile(kept, alpha, axis=0),
+                                     np.nanquantile(kept, 1.0 - alpha, axis=0)], axis=-1)
+    return bounds.reshape(draws.shape[1:] + (2,))
 
 
 def modality_intervals(modalities: Sequence[str], bounds: np.ndarray) -> dict[str, list[float]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,14 @@ def test_shared_indices_are_the_fresh_draws(monkeypatch: pytest.MonkeyPatch) -> 
     with stats.shared_resamples():
         list(bootstrap_indices(300, 70, 5))
         assert not stats._INDEX_CACHE  # over the bound: drawn again next time
+
+
+def test_percentile_interval_of_an_all_nan_column_warns_nothing() -> None:
+    draws = np.array([[1.0, np.nan, 3.0], [2.0, np.nan, np.nan], [4.0, np.nan, 5.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bounds = stats.percentile_interval(draws, 0.5)
+    assert np.isnan(bounds[1]).all()
+    np.testing.assert_allclose(bounds[0], np.quantile([1.0, 2.0, 4.0], [0.25, 0.75]))
+    np.testing.assert_allclose(bounds[2], np.quantile([3.0, 5.0], [0.25, 0.75]))
+    assert stats.percentile_interval(np.array([np.nan, 1.0, 3.0]), 0.5).shape == (2,)

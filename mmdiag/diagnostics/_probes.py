@@ -1,7 +1,8 @@
 """Small fitted models and rank statistics shared by the probe-style diagnostics.
 
-Everything here is deterministic for a seed and leaves the global random state untouched
-(initialisations run inside :func:`torch.random.fork_rng`). Fits are full-batch, on CPU, on one
+Everything here is deterministic for a seed and never touches the global random state
+(initialisations draw from their own seeded generator), so it is safe to run in a worker thread
+beside other work (``udml`` and ``probe`` are computed so). Fits are full-batch, on CPU, on one
 torch thread (so results do not depend on the machine's core count): the inputs are cached pooled
 features, a few thousand rows at most.
 """
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import minimize
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import rankdata
 from threadpoolctl import threadpool_limits
 
 #: standard deviations below this are treated as zero (constant feature).
@@ -194,9 +194,25 @@ def predict_logistic(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 class NoiseRegressor(torch.nn.Module):
     """d -> hidden -> ReLU -> 1, read as a positive noise level sigma = exp(0.5 * o) (UDML's form)."""
 
-    def __init__(self, d: int, hidden: int) -> None:
+    def __init__(self, d: int, hidden: int, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+        self.body = torch.nn.Sequential(torch.nn.Linear(d, hidden, device=device), torch.nn.ReLU(),
+                                        torch.nn.Linear(hidden, 1, device=device))
+
+    @classmethod
+    def seeded(cls, d: int, hidden: int, seed: int) -> "NoiseRegressor":
+        """A regressor with PyTorch's default ``nn.Linear`` initialisation drawn from a generator
+        seeded by ``seed``: the weights of ``torch.manual_seed(seed); NoiseRegressor(d, hidden)``
+        (tested), without touching the global random state (a worker thread must not)."""
+        model = torch.nn.utils.skip_init(cls, d, hidden)
+        g = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            for layer in (model.body[0], model.body[2]):
+                # nn.Linear.reset_parameters, in its order: the weight, then the bias
+                torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=g)
+                bound = 1.0 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0.0
+                torch.nn.init.uniform_(layer.bias, -bound, bound, generator=g)
+        return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.exp(0.5 * self.body(x)[:, 0])
@@ -310,7 +326,7 @@ def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: i
 
     Every ``xs[j]`` has one row per entry of ``target``. Loss of regressor j: mean_i (sigma_ji -
     t_i)^2 / var(t) (the target's variance only rescales the loss). Regressor j's initialisation is
-    seeded by ``seeds[j]`` (the global random state is restored afterwards) and its output bias
+    seeded by ``seeds[j]`` (its own generator: the global random state is not touched) and its output bias
     starts at 2 log mean(t), so sigma starts at the mean target. The gradients are written out and
     Adam (PyTorch's defaults) updates one flat buffer per regressor, on one torch thread. An input
     column that is zero in every row (a constant feature after standardisation) leaves its
@@ -322,9 +338,7 @@ def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: i
     bias = 2.0 * float(np.log(max(float(tt.mean()), 1e-6)))
     models, weights = [], []
     for x, seed in zip(xs, seeds):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            models.append(NoiseRegressor(int(x.shape[1]), hidden))
+        models.append(NoiseRegressor.seeded(int(x.shape[1]), hidden, seed))
         weights.append(_Weights(models[-1], live_columns(x), bias))
     with one_thread():
         for w, x in zip(weights, xs):
@@ -362,6 +376,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     b = np.asarray(b, dtype=np.float64)
     if a.shape[0] < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(spearmanr(a, b).statistic)
+    # Pearson's correlation of the average ranks, written out rather than through scipy's
+    # spearmanr, whose warnings would need ``warnings.catch_warnings`` (it swaps the process's
+    # warning filters, which is not safe beside another thread)
+    ra, rb = rankdata(a) - (a.shape[0] + 1) / 2.0, rankdata(b) - (b.shape[0] + 1) / 2.0
+    return float(np.clip((ra @ rb) / math.sqrt(float(ra @ ra) * float(rb @ rb)), -1.0, 1.0))

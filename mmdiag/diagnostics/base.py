@@ -52,6 +52,12 @@ class Diagnostic(ABC):
     higher_is_better: ClassVar[bool | None] = None
     #: part of the default suite (expensive ones may opt out).
     default: ClassVar[bool] = True
+    #: computed in a worker thread beside the other diagnostics (their times overlap). Only for a
+    #: diagnostic whose :meth:`compute` reads nothing from ``prior`` (it is given an empty mapping)
+    #: and touches no global state: no global random generator (seed a ``torch.Generator`` or
+    #: ``numpy.random.default_rng``), no ``warnings.catch_warnings`` (it swaps the process's
+    #: filters), no change of torch's thread count. Resampling through :mod:`mmdiag.stats` is safe.
+    concurrent: ClassVar[bool] = False
     #: a contribution measure: ``per_modality`` rises with how much the model's prediction rests on
     #: each modality, so its ranking can be set beside the verdict's (the verdict's reasons, the
     #: side-by-side figure).

@@ -57,6 +57,7 @@ class Probe(Diagnostic):
         "uninformative). Any M >= 2: one probe per modality, nothing pairs modalities."
     )
     argues_for = ("unlearned_encoder", "ignored_features")
+    concurrent = True  # its logistic fits run beside the other diagnostics
 
     weight_decay: float = 1e-3
     test_fraction: float = 0.3

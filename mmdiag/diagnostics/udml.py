@@ -101,6 +101,7 @@ class Udml(Diagnostic):
         "dep_m) is boosted."
     )
     figures = ("modality_bars", "noise_calibration")
+    concurrent = True  # its regressors are fitted beside the other diagnostics
     argues_for = ("noisy_modality",)
 
     hidden: int = 32

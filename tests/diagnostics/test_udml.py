@@ -176,3 +176,29 @@ def test_noise_regressor_fit_matches_autograd_reference():
         opt.step()
     for ours, theirs in zip(fitted.parameters(), ref.parameters()):
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_seeded_regressor_is_the_global_seed_construction_without_touching_it():
+    from mmdiag.diagnostics._probes import NoiseRegressor
+
+    state = torch.random.get_rng_state()
+    ours = NoiseRegressor.seeded(7, 5, seed=11)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(11)
+    theirs = NoiseRegressor(7, 5)
+    torch.random.set_rng_state(state)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    from mmdiag.diagnostics._probes import spearman
+
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        a, b = rng.integers(0, 6, size=40).astype(float), rng.normal(size=40)
+        b[:10] = b[10:20]
+        assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert math.isnan(spearman(np.ones(5), np.arange(5.0)))

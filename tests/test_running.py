@@ -1,0 +1,127 @@
+"""Diagnostics computed side by side: the same results as one after another, in the same order;
+a reader of ``prior`` sees every earlier result; nothing global is left changed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+import pytest
+import torch
+
+from mmdiag.api import select_diagnostics
+from mmdiag.diagnostics import DIAGNOSTICS
+from mmdiag.diagnostics._running import compute_one, run_diagnostics
+from mmdiag.diagnostics.base import Diagnostic
+from mmdiag.report import Result
+from mmdiag.stats import shared_resamples
+from tests.helpers.toys import DOMINANT, toy_evidence, with_new_data
+
+CONCURRENT = sorted(n for n in DIAGNOSTICS.names() if DIAGNOSTICS.get(n).concurrent)
+
+
+@pytest.fixture(scope="module")
+def evidence() -> Any:
+    return with_new_data(toy_evidence(DOMINANT, 0))
+
+
+def as_json(results: Mapping[str, Result]) -> dict[str, str]:
+    return {k: json.dumps(r.to_dict(), sort_keys=True, default=str) for k, r in results.items()}
+
+
+def test_the_fitted_diagnostics_are_the_concurrent_ones() -> None:
+    assert {"udml", "probe"} <= set(CONCURRENT)
+
+
+def test_side_by_side_equals_one_after_another(evidence: Any) -> None:
+    """The default suite with its concurrent diagnostics in a worker gives, key for key and in
+    the same order, what computing each in turn on the main thread gives."""
+    diagnostics = [DIAGNOSTICS.get(n)(bootstrap=200) for n in select_diagnostics()]
+    assert any(type(d).concurrent for d in diagnostics) and not all(type(d).concurrent for d in diagnostics)
+    threads = torch.get_num_threads()
+    with shared_resamples():
+        results, failures = run_diagnostics(evidence, diagnostics)
+    assert torch.get_num_threads() == threads  # the phase's one-thread hold is undone
+    serial: dict[str, Any] = {}
+    with shared_resamples():
+        for d in diagnostics:
+            serial[d.name] = compute_one(d, evidence, {k: v for k, v in serial.items() if isinstance(v, Result)})
+    assert list(results) == [n for n, o in serial.items() if isinstance(o, Result)]
+    assert as_json(results) == as_json({n: o for n, o in serial.items() if isinstance(o, Result)})
+    assert [f.diagnostic for f in failures] == [n for n, o in serial.items() if not isinstance(o, Result)]
+
+
+class _Slow(Diagnostic):
+    """A concurrent diagnostic that takes its time (and records the thread it ran on)."""
+
+    name = "slow_side"
+    summary = "test"
+    concurrent = True
+    threads: list[str] = []
+
+    def compute(self, ev: Any, prior: Mapping[str, Result] | None = None) -> Result:
+        assert prior == {}
+        _Slow.threads.append(threading.current_thread().name)
+        time.sleep(0.2)
+        return self.result(1.0, {m: 1.0 for m in ev.modalities})
+
+
+class _Crash(_Slow):
+    name = "crash_side"
+
+    def compute(self, ev: Any, prior: Mapping[str, Result] | None = None) -> Result:
+        raise RuntimeError("crashed on purpose")
+
+
+class _Reader(Diagnostic):
+    """Reads every earlier result through ``prior``."""
+
+    name = "reader"
+    summary = "test"
+
+    def compute(self, ev: Any, prior: Mapping[str, Result] | None = None) -> Result:
+        assert prior is not None
+        seen = list(prior)
+        value = prior["slow_side"].value if "slow_side" in prior else -1.0
+        missing = prior.get("crash_side")
+        return self.result(value, {m: float(len(seen)) for m in ev.modalities},
+                           details={"seen": seen, "crash": missing is None})
+
+
+def test_a_reader_waits_for_earlier_concurrent_results(evidence: Any) -> None:
+    """A diagnostic after a concurrent one reads its result (waiting for it), never one that
+    comes after it, and a concurrent crash is a Failure in its place."""
+    _Slow.threads.clear()
+    unimodal = DIAGNOSTICS.get("unimodal")(bootstrap=0)
+    results, failures = run_diagnostics(
+        evidence, [_Slow(bootstrap=0), _Crash(bootstrap=0), unimodal, _Reader(bootstrap=0), DIAGNOSTICS.get("shapley")(bootstrap=0)])
+    assert _Slow.threads and _Slow.threads[0] != threading.main_thread().name
+    assert list(results) == ["slow_side", "unimodal", "reader", "shapley"]
+    assert results["reader"].value == 1.0
+    assert results["reader"].details["seen"] == ["slow_side", "unimodal"]
+    assert results["reader"].details["crash"] is True
+    assert [(f.diagnostic, f.kind) for f in failures] == [("crash_side", "error")]
+    assert "crashed on purpose" in failures[0].error
+
+
+@pytest.mark.parametrize("name", CONCURRENT)
+def test_a_concurrent_diagnostic_leaves_global_state_alone(name: str, evidence: Any) -> None:
+    """What ``concurrent`` promises: no global random draw, no warning filter change, torch's
+    thread count as it was, and the result the main thread would compute."""
+    d = DIAGNOSTICS.get(name)(bootstrap=50)
+    torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()[1].copy()
+    filters = list(warnings.filters)
+    threads = torch.get_num_threads()
+    box: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: box.setdefault("r", d.compute(evidence, {})))
+    worker.start()
+    worker.join()
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
+    assert warnings.filters == filters
+    assert torch.get_num_threads() == threads
+    assert as_json({name: box["r"]}) == as_json({name: d.compute(evidence, {})})
