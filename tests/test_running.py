@@ -125,3 +125,26 @@ def test_a_concurrent_diagnostic_leaves_global_state_alone(name: str, evidence: 
     assert warnings.filters == filters
     assert torch.get_num_threads() == threads
     assert as_json({name: box["r"]}) == as_json({name: d.compute(evidence, {})})
+
+
+class _Interrupt(Diagnostic):
+    name = "interrupt"
+    summary = "test"
+
+    def compute(self, ev: Any, prior: Mapping[str, Result] | None = None) -> Result:
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_drops_the_queued_and_restores_the_thread_count(evidence: Any) -> None:
+    """Ctrl-C in the main thread: the running concurrent diagnostic finishes, the queued one never
+    starts, and torch's thread count is what it was."""
+    _Slow.threads.clear()
+
+    class _Second(_Slow):
+        name = "second_side"
+
+    threads = torch.get_num_threads()
+    with pytest.raises(KeyboardInterrupt):
+        run_diagnostics(evidence, [_Slow(bootstrap=0), _Second(bootstrap=0), _Interrupt(bootstrap=0)])
+    assert len(_Slow.threads) == 1  # the second never started
+    assert torch.get_num_threads() == threads

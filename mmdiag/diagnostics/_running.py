@@ -82,14 +82,20 @@ def run_diagnostics(ev: Evidence, diagnostics: Sequence[Diagnostic]) -> tuple[di
             outcomes[d.name] = compute_one(d, ev, _Prior(list(outcomes), outcomes, {}))
     else:
         names = [d.name for d in diagnostics]
-        with one_thread(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmdiag-diagnostic") as worker:
-            # one worker: the concurrent diagnostics run one after another, in their order
-            pending = {d.name: worker.submit(compute_one, d, ev, {}) for d in side}
-            for i, d in enumerate(diagnostics):
-                if d.name not in pending and d.name not in outcomes:
-                    outcomes[d.name] = compute_one(d, ev, _Prior(names[:i], outcomes, pending))
-            for name, future in list(pending.items()):
-                outcomes[name] = future.result()
+        with one_thread():
+            worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmdiag-diagnostic")
+            try:
+                # one worker: the concurrent diagnostics run one after another, in their order
+                pending = {d.name: worker.submit(compute_one, d, ev, {}) for d in side}
+                for i, d in enumerate(diagnostics):
+                    if d.name not in pending and d.name not in outcomes:
+                        outcomes[d.name] = compute_one(d, ev, _Prior(names[:i], outcomes, pending))
+                for name, future in list(pending.items()):
+                    outcomes[name] = future.result()
+            finally:
+                # on an interrupt the queued diagnostics are dropped and the running one finishes
+                # before the thread count is restored (it holds one_thread itself)
+                worker.shutdown(wait=True, cancel_futures=True)
     results = {d.name: o for d in diagnostics if isinstance(o := outcomes[d.name], Result)}
     failures = [o for d in diagnostics if isinstance(o := outcomes[d.name], Failure)]
     return results, failures

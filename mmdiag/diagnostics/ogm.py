@@ -130,6 +130,7 @@ class OGM(Diagnostic):
         columns = np.ascontiguousarray(conf.T)  # one modality at a time: a [chunk, n] gather each
         out = []
         for idx in bootstrap_indices(conf.shape[0], self.bootstrap, self.seed):
+            idx = idx.astype(np.intp, copy=False)  # shared indices may be compact: convert once, not per modality
             # [chunk, n_batches, M]; half the time of gathering conf[idx] as one [chunk, n, M] block
             scores = np.stack([np.add.reduceat(col[idx], starts, axis=1) for col in columns], axis=-1)
             out.append(ratios(scores).mean(axis=1))

@@ -26,7 +26,7 @@ class Probe(Diagnostic):
     regression p(y | h) = softmax(W_m^T s(h_m) + b_m) is fitted on the frozen pooled features h_m,
     with s(.) the standardisation by the training rows' mean and std (constant columns map to 0),
     by minimising mean CE + ``weight_decay`` * ||W_m||^2 from zero (strictly convex: one optimum,
-    no seed dependence; SciPy's trust-region Newton for up to 400 parameters, L-BFGS-B beyond). Training rows are the separate probe data (``--probe-data``) when it was
+    no seed dependence; SciPy's trust-region Newton-CG for up to 400 parameters, L-BFGS-B beyond). Training rows are the separate probe data (``--probe-data``) when it was
     collected, and the probe is tested on every feature row; otherwise the feature rows are split
     by a seeded, per-class (stratified) split with ``test_fraction`` held out. The same split is
     used for every modality. P_m = accuracy of the probe on the held-out rows.
