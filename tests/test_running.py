@@ -148,3 +148,18 @@ def test_an_interrupt_drops_the_queued_and_restores_the_thread_count(evidence: A
         run_diagnostics(evidence, [_Slow(bootstrap=0), _Second(bootstrap=0), _Interrupt(bootstrap=0)])
     assert len(_Slow.threads) == 1  # the second never started
     assert torch.get_num_threads() == threads
+
+
+def test_the_main_thread_takes_a_concurrent_diagnostic_the_worker_has_not_started(evidence: Any) -> None:
+    """With nothing else to do, the main thread computes a queued concurrent diagnostic itself
+    (same result) instead of waiting for the busy worker."""
+    _Slow.threads.clear()
+
+    class _Second(_Slow):
+        name = "second_side"
+
+    results, failures = run_diagnostics(evidence, [_Slow(bootstrap=0), _Second(bootstrap=0),
+                                                   DIAGNOSTICS.get("unimodal")(bootstrap=0)])
+    assert not failures and list(results) == ["slow_side", "second_side", "unimodal"]
+    assert _Slow.threads[0] != threading.main_thread().name
+    assert _Slow.threads[1] == threading.main_thread().name

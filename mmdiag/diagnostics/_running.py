@@ -90,6 +90,12 @@ def run_diagnostics(ev: Evidence, diagnostics: Sequence[Diagnostic]) -> tuple[di
                 for i, d in enumerate(diagnostics):
                     if d.name not in pending and d.name not in outcomes:
                         outcomes[d.name] = compute_one(d, ev, _Prior(names[:i], outcomes, pending))
+                # the worker takes its queue from the front; this thread, with nothing else left,
+                # takes from the back what the worker has not started, instead of waiting for it
+                for d in reversed(side):
+                    if d.name in pending and pending[d.name].cancel():
+                        del pending[d.name]
+                        outcomes[d.name] = compute_one(d, ev, {})
                 for name, future in list(pending.items()):
                     outcomes[name] = future.result()
             finally:
