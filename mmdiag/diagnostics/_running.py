@@ -7,7 +7,9 @@ arithmetic; side by side on two cores, the whole phase took 0.45-0.6 s instead o
 three modalities and 5k rows. The results are the same as computed one after another: a concurrent
 diagnostic reads no other's result (it is given an empty ``prior``), touches no global random
 state, and the whole phase runs torch and BLAS on one thread each, so no number depends on which
-thread got there first. A diagnostic that reads ``prior`` waits for the results it reads.
+thread got there first. A diagnostic that reads ``prior`` waits for the results it reads. When the
+main thread has finished its own list, it computes the concurrent diagnostics the worker has not
+started yet (from the back of the queue) rather than wait.
 """
 
 from __future__ import annotations
