@@ -9,37 +9,19 @@ features, a few thousand rows at most.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import minimize
 from scipy.stats import rankdata
-from threadpoolctl import threadpool_limits
+
+from mmdiag.runtime.threads import one_thread
 
 #: standard deviations below this are treated as zero (constant feature).
 _STD_FLOOR = 1e-8
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch and numpy's BLAS (through ``threadpoolctl``) on one thread for the duration
-    (restored afterwards).
-
-    The fits here are thousands of rows by tens of columns: thread start-up costs more than it
-    saves, and on a busy machine several threads per tiny operation slow the fit ten-fold (SciPy's
-    solvers on a multi-threaded BLAS: 20x measured on two busy cores).
-    """
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def as_array(x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -17,11 +17,11 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Mapping, Sequence, Union
 
-from mmdiag.diagnostics._probes import one_thread
 from mmdiag.diagnostics.base import Diagnostic
 from mmdiag.errors import MmdiagError
 from mmdiag.evidence import ENCODER_KINDS, Evidence
 from mmdiag.report import Failure, Result
+from mmdiag.runtime.threads import one_thread
 
 Outcome = Union[Result, Failure]
 

@@ -11,7 +11,6 @@ continues an interrupted one. The models are then scored on the validation data
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,10 +23,9 @@ from mmdiag.rebalance.candidate import CANDIDATE_FILE, CandidateJob, TrainedCand
 from mmdiag.rebalance.candidates import BASELINE, candidate_params, parse_fix_list
 from mmdiag.rebalance.choice import make_fix
 from mmdiag.rebalance.pool import train_all
-from mmdiag.rebalance.run import DEFAULT_TRAINING, PhaseFn, _Session, _session
+from mmdiag.rebalance.run import _Session, make_session
 from mmdiag.rebalance.scoring import Scores, has_deployment, score_model
 from mmdiag.runtime.distributed import barrier, is_main_process, process_group
-from mmdiag.specs import AdapterSpec, AnalysisSpec, TrainSpec
 from mmdiag.train import CHECKPOINT
 
 __all__ = ["CANDIDATES_DIR", "candidate_job", "leaderboard", "prepared_fixes", "session_of", "start_over"]
@@ -36,34 +34,13 @@ __all__ = ["CANDIDATES_DIR", "candidate_job", "leaderboard", "prepared_fixes", "
 CANDIDATES_DIR = "candidates"
 
 
-def session_of(
-    factory: Callable[[], nn.Module],
-    train_data: Any,
-    *,
-    val_data: Any = None,
-    checkpoint: str | os.PathLike[str] | None = None,
-    trust_checkpoint: bool = False,
-    checkpoint_key: str | None = None,
-    strip_prefix: str | None = None,
-    init: str = "scratch",
-    train: TrainSpec | None = None,
-    adapter: AdapterSpec | None = None,
-    analysis: AnalysisSpec | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    settings: Mapping[str, Any] | None = None,
-    progress: PhaseFn | None = None,
-) -> _Session:
+def session_of(factory: Callable[[], nn.Module], train_data: Any, **run: Any) -> _Session:
     """The checked, coerced settings every candidate shares, from the arguments of
     :func:`~mmdiag.rebalance.rebalance` of the same names (one list, for the leaderboard and the race)."""
-    if out_dir is None:
+    if run.get("out_dir") is None:
         raise ConfigError("Training several fixes needs an output folder (`out_dir`): each candidate keeps "
                           "its checkpoint in a sub-folder of its own.")
-    train = train if train is not None else DEFAULT_TRAINING
-    analysis = analysis if analysis is not None else AnalysisSpec(seed=train.seed)
-    load = {"trust": trust_checkpoint, "key": checkpoint_key, "strip_prefix": strip_prefix}
-    return _session(factory, train_data, val_data, checkpoint, load, init, train, adapter or AdapterSpec(),
-                    analysis, out_dir, resume, settings, progress)
+    return make_session(factory, train_data, **run)
 
 
 def prepared_fixes(fixes: str | Sequence[str], fix_params: Mapping[str, Any] | None,

@@ -188,19 +188,25 @@ def rebalance(
         choice: how a :class:`Fix` instance given as ``fix`` was chosen (``requested``, ``note``,
             ``reasons``), recorded in ``fix.json`` and ``comparison.json``; default: given by the caller.
     """
-    train = train if train is not None else DEFAULT_TRAINING
-    analysis = analysis if analysis is not None else AnalysisSpec(seed=train.seed)
-    load = {"trust": trust_checkpoint, "key": checkpoint_key, "strip_prefix": strip_prefix}
-    session = _session(factory, train_data, val_data, checkpoint, load, init, train, adapter or AdapterSpec(),
-                       analysis, out_dir, resume, settings, progress)
-    with process_group(train.device):
+    session = make_session(factory, train_data, val_data=val_data, checkpoint=checkpoint,
+                           trust_checkpoint=trust_checkpoint, checkpoint_key=checkpoint_key,
+                           strip_prefix=strip_prefix, init=init, train=train, adapter=adapter, analysis=analysis,
+                           out_dir=out_dir, resume=resume, settings=settings, progress=progress)
+    with process_group(session.train.device):
         return _run(session, fix, fix_params, baseline, report_formats, choice)
 
 
-def _session(factory: Callable[[], nn.Module], train_data: Any, val_data: Any, checkpoint: Any,
-             load: dict[str, Any], init: str, train: TrainSpec, adapter: AdapterSpec, analysis: AnalysisSpec,
-             out_dir: Any, resume: bool, settings: Mapping[str, Any] | None, progress: PhaseFn | None) -> _Session:
-    """The arguments checked, the data coerced and the modalities found."""
+def make_session(factory: Callable[[], nn.Module], train_data: Any, *, val_data: Any = None, checkpoint: Any = None,
+                 trust_checkpoint: bool = False, checkpoint_key: str | None = None, strip_prefix: str | None = None,
+                 init: str = "scratch", train: TrainSpec | None = None, adapter: AdapterSpec | None = None,
+                 analysis: AnalysisSpec | None = None, out_dir: Any = None, resume: bool = False,
+                 settings: Mapping[str, Any] | None = None, progress: PhaseFn | None = None) -> _Session:
+    """The arguments of :func:`rebalance` of the same names checked, defaulted (the training budget
+    :data:`DEFAULT_TRAINING`, the analysis seeded by it), the data coerced and the modalities found."""
+    train = train if train is not None else DEFAULT_TRAINING
+    analysis = analysis if analysis is not None else AnalysisSpec(seed=train.seed)
+    adapter = adapter or AdapterSpec()
+    load = {"trust": trust_checkpoint, "key": checkpoint_key, "strip_prefix": strip_prefix}
     if init not in INITS:
         raise ConfigError(f"init must be one of {', '.join(INITS)}; found {init!r}.")
     if init == "checkpoint" and checkpoint is None:
