@@ -18,6 +18,7 @@ from mmdiag.diagnostics import DIAGNOSTICS
 from mmdiag.diagnostics._running import compute_one, run_diagnostics
 from mmdiag.diagnostics.base import Diagnostic
 from mmdiag.report import Result
+from mmdiag.runtime.threads import share
 from mmdiag.stats import shared_resamples
 from tests.helpers.toys import DOMINANT, toy_evidence, with_new_data
 
@@ -163,3 +164,101 @@ def test_the_main_thread_takes_a_concurrent_diagnostic_the_worker_has_not_starte
     assert not failures and list(results) == ["slow_side", "second_side", "unimodal"]
     assert _Slow.threads[0] != threading.main_thread().name
     assert _Slow.threads[1] == threading.main_thread().name
+
+
+class _Pieces(Diagnostic):
+    """A concurrent diagnostic whose work is three independent pieces handed to ``share``."""
+
+    name = "pieces_side"
+    summary = "test"
+    concurrent = True
+    ran_on: list[tuple[int, str]] = []
+
+    def compute(self, ev: Any, prior: Mapping[str, Result] | None = None) -> Result:
+        def piece(j: int) -> float:
+            _Pieces.ran_on.append((j, threading.current_thread().name))
+            time.sleep(0.15)
+            return float(j * j)
+
+        values = share(piece, [0, 1, 2, 3])
+        return self.result(sum(values), {m: values[k % 4] for k, m in enumerate(ev.modalities)},
+                           details={"values": values})
+
+
+def test_share_outside_a_phase_is_a_loop() -> None:
+    seen: list[str] = []
+    out = share(lambda x: seen.append(threading.current_thread().name) or x + 1, [1, 2, 3])
+    assert out == [2, 3, 4] and set(seen) == {threading.main_thread().name}
+
+
+def test_an_idle_main_thread_takes_pieces_of_a_concurrent_diagnostic(evidence: Any) -> None:
+    """The main thread, its own list done, runs some of the pieces a concurrent diagnostic shares;
+    the pieces' results come back in order, as a loop gives them."""
+    _Pieces.ran_on.clear()
+    results, failures = run_diagnostics(evidence, [_Pieces(bootstrap=0), DIAGNOSTICS.get("unimodal")(bootstrap=0)])
+    assert not failures
+    assert results["pieces_side"].details["values"] == [0.0, 1.0, 4.0, 9.0]
+    threads = {name for _, name in _Pieces.ran_on}
+    assert sorted(j for j, _ in _Pieces.ran_on) == [0, 1, 2, 3]
+    assert threading.main_thread().name in threads and len(threads) == 2
+
+
+def test_the_worker_takes_pieces_of_a_main_thread_diagnostic(evidence: Any) -> None:
+    """The main thread computes a diagnostic that shares pieces (here the queued concurrent one it
+    took itself); the worker, its own queue done, takes some of them."""
+    _Pieces.ran_on.clear()
+    _Slow.threads.clear()
+
+    class _MainPieces(_Pieces):
+        name = "main_pieces"
+        concurrent = False
+
+    results, failures = run_diagnostics(evidence, [_Slow(bootstrap=0), _MainPieces(bootstrap=0)])
+    assert not failures and results["main_pieces"].details["values"] == [0.0, 1.0, 4.0, 9.0]
+    assert len({name for _, name in _Pieces.ran_on}) == 2
+
+
+def test_a_failing_piece_fails_its_diagnostic_only(evidence: Any) -> None:
+    def boom(j: int) -> int:
+        if j == 2:
+            raise ValueError("piece 2 broke")
+        time.sleep(0.05)
+        return j
+
+    class _Breaks(_Pieces):
+        name = "breaks_side"
+
+        def compute(self, ev: Any, prior: Mapping[str, Result] | None = None) -> Result:
+            share(boom, [0, 1, 2, 3])
+            raise AssertionError("not reached")
+
+    results, failures = run_diagnostics(evidence, [_Breaks(bootstrap=0), DIAGNOSTICS.get("unimodal")(bootstrap=0)])
+    assert list(results) == ["unimodal"]
+    assert [f.diagnostic for f in failures] == ["breaks_side"] and "piece 2 broke" in failures[0].error
+
+
+def test_prior_truthiness_does_not_wait_for_a_concurrent_result(evidence: Any) -> None:
+    """``prior or {}`` answers from a settled result instead of waiting for a running one."""
+
+    class _Truthy(Diagnostic):
+        name = "truthy"
+        summary = "test"
+        read: list[tuple[bool, bool]] = []
+
+        def compute(self, ev: Any, prior: Mapping[str, Result] | None = None) -> Result:
+            truth = bool(prior)  # true: unimodal has settled
+            _Truthy.read.append((truth, _Slow.finished.is_set()))
+            return self.result(0.0, {m: 0.0 for m in ev.modalities})
+
+    class _SlowFlag(_Slow):
+        def compute(self, ev: Any, prior: Mapping[str, Result] | None = None) -> Result:
+            out = super().compute(ev, prior)
+            _Slow.finished.set()
+            return out
+
+    _Slow.threads.clear()
+    _Slow.finished = threading.Event()
+    results, _ = run_diagnostics(evidence, [_SlowFlag(bootstrap=0), DIAGNOSTICS.get("unimodal")(bootstrap=0),
+                                            _Truthy(bootstrap=0)])
+    assert list(results) == ["slow_side", "unimodal", "truthy"]
+    assert _Truthy.read == [(True, False)]  # answered while slow_side still ran

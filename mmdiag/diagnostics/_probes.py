@@ -18,7 +18,8 @@ import torch
 from scipy.optimize import minimize
 from scipy.stats import rankdata
 
-from mmdiag.runtime.threads import one_thread
+from mmdiag.diagnostics._newton import newton_cg
+from mmdiag.runtime.threads import one_thread, share
 
 #: standard deviations below this are treated as zero (constant feature).
 _STD_FLOOR = 1e-8
@@ -76,66 +77,63 @@ class Standardiser:
         return (x - self.mean) / self.std
 
 
-def _logistic_loss(theta: np.ndarray, x: torch.Tensor, onehot: torch.Tensor,
-                   weight_decay: float) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy of softmax(x W + b) plus weight_decay * ||W||^2, and its gradient.
-
-    ``theta`` is W [d, C] and b [C] flattened (W first); the gradient has the same layout. The
-    products over the rows run in torch (float64, no autograd graph).
-    """
-    d, c = x.shape[1], onehot.shape[1]
-    t = torch.from_numpy(theta)
-    w, b = t[:d * c].view(d, c), t[d * c:]
-    z = torch.addmm(b, x, w)
-    log_norm = torch.logsumexp(z, dim=1, keepdim=True)
-    loss = float((log_norm[:, 0] - (z * onehot).sum(dim=1)).mean() + weight_decay * (w * w).sum())
-    resid = (torch.exp(z - log_norm) - onehot) / x.shape[0]
-    grad_w = torch.addmm(w, x.T, resid, beta=2.0 * weight_decay)
-    return loss, torch.cat([grad_w.reshape(-1), resid.sum(dim=0)]).numpy()
-
-
 def live_columns(x: np.ndarray) -> np.ndarray:
     """Indices of the columns of ``x`` that are not zero in every row (see :class:`Standardiser`:
     a constant feature maps to 0)."""
     return np.flatnonzero(np.any(np.asarray(x) != 0, axis=0))
 
 
-#: parameter counts (d + 1) * C up to which the logistic probe is fitted by a trust-region Newton
-#: method (Hessian-vector products, no Hessian built); larger problems use L-BFGS.
+#: parameter counts (d + 1) * C up to which the logistic probe is fitted by Newton's method
+#: (Hessian-vector products, no Hessian built); larger problems use L-BFGS.
 NEWTON_MAX_PARAMS = 400
-#: the fit stops when no gradient entry exceeds this
+#: the Newton fit stops when the gradient's Euclidean norm is below this (L-BFGS-B: its largest entry)
 GTOL = 1e-9
 
 
-class _LogisticHessp:
-    """Products of :func:`_logistic_loss`'s Hessian at ``theta`` with vectors ``v`` (both laid out
-    as W [d, C] then b [C]).
+class LogisticObjective:
+    """Mean cross-entropy of softmax(x W + b) plus weight_decay * ||W||^2, its gradient and its
+    Hessian-vector products, over theta = W [d, C] then b [C], flattened (float64 torch, no
+    autograd graph).
 
     With x~ = [x, 1], p_i = softmax(x~_i Theta) and V = [V_W; v_b] reshaped like Theta, the Hessian
     of the mean cross-entropy is mean_i (diag(p_i) - p_i p_i^T) (x) x~_i x~_i^T, so its product
     with V is x~^T R / n, where row i of R is (diag(p_i) - p_i p_i^T)(x~_i V); the penalty adds
-    2 weight_decay V_W. Two [n, d] x [d, C] products a call (the softmax is kept while the
-    conjugate-gradient steps of one Newton step ask at the same ``theta``): building the
-    [(d+1)C]^2 Hessian cost n ((d+1)C)^2, 15 ms a Newton step at 1,400 rows, 64 features, 6 classes.
+    2 weight_decay V_W. Two [n, d] x [d, C] products a call, at the softmax of the latest
+    :meth:`loss_grad` point: building the [(d+1)C]^2 Hessian cost n ((d+1)C)^2, 15 ms a Newton
+    step at 1,400 rows, 64 features, 6 classes.
     """
 
-    def __init__(self, x: torch.Tensor, weight_decay: float) -> None:
-        self.x, self.x_t, self.weight_decay = x, x.T.contiguous(), float(weight_decay)
-        self.at: np.ndarray | None = None
+    def __init__(self, x: torch.Tensor, onehot: torch.Tensor, weight_decay: float) -> None:
+        self.x, self.x_t, self.onehot = x, x.T.contiguous(), onehot
+        self.weight_decay = float(weight_decay)
+        self.d, self.c = x.shape[1], onehot.shape[1]
         self.p = torch.empty(0)
 
-    def __call__(self, theta: np.ndarray, v: np.ndarray) -> np.ndarray:
-        n, d = self.x.shape
-        c = v.shape[0] // (d + 1)
-        if self.at is None or not np.array_equal(theta, self.at):
-            t = torch.from_numpy(theta)
-            self.p = torch.softmax(torch.addmm(t[d * c:], self.x, t[:d * c].view(d, c)), dim=1)
-            self.at = theta.copy()
-        vv = torch.from_numpy(v)
-        r = self.p * torch.addmm(vv[d * c:], self.x, vv[:d * c].view(d, c))  # diag(p_i) (x~_i V)
+    def loss_grad(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """The objective and its gradient at ``theta`` (whose softmax the next :meth:`hessp` uses)."""
+        dc = self.d * self.c
+        w, b = theta[:dc].view(self.d, self.c), theta[dc:]
+        z = torch.addmm(b, self.x, w)
+        log_norm = torch.logsumexp(z, dim=1, keepdim=True)
+        loss = float((log_norm[:, 0] - (z * self.onehot).sum(dim=1)).mean() + self.weight_decay * (w * w).sum())
+        self.p = torch.exp(z - log_norm)
+        resid = (self.p - self.onehot).div_(self.x.shape[0])
+        grad_w = torch.addmm(w, self.x_t, resid, beta=2.0 * self.weight_decay)
+        return loss, torch.cat([grad_w.reshape(-1), resid.sum(dim=0)])
+
+    def hessp(self, v: torch.Tensor) -> torch.Tensor:
+        """The Hessian at the latest :meth:`loss_grad` point times ``v``."""
+        dc, n = self.d * self.c, self.x.shape[0]
+        vw = v[:dc].view(self.d, self.c)
+        r = self.p * torch.addmm(v[dc:], self.x, vw)  # diag(p_i) (x~_i V)
         r.sub_(self.p * r.sum(dim=1, keepdim=True)).div_(n)  # minus p_i p_i^T (x~_i V), over n
-        h_w = torch.addmm(vv[:d * c].view(d, c), self.x_t, r, beta=2.0 * self.weight_decay)
-        return torch.cat([h_w.reshape(-1), r.sum(dim=0)]).numpy()
+        h_w = torch.addmm(vw, self.x_t, r, beta=2.0 * self.weight_decay)
+        return torch.cat([h_w.reshape(-1), r.sum(dim=0)])
+
+    def numpy_loss_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """:meth:`loss_grad` on NumPy vectors (for SciPy's solvers)."""
+        loss, grad = self.loss_grad(torch.from_numpy(theta))
+        return loss, grad.numpy()
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: float,
@@ -144,32 +142,34 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: flo
 
     Minimises mean_i CE(x_i W + b, y_i) + weight_decay * ||W||^2 from W = 0, b = 0. With
     weight_decay > 0 the objective is strictly convex in W, so the fit does not depend on a seed.
-    The loss, its gradient and (for small problems) its Hessian-vector products are written out
-    (float64, no autograd graph, one torch thread) and minimised by SciPy: the trust-region Newton
-    conjugate-gradient method (``trust-ncg``) when (d + 1) * C is at most
-    :data:`NEWTON_MAX_PARAMS` (a few Newton steps), else L-BFGS-B, in at most ``max_iter``
-    iterations, until the gradient's largest entry is below :data:`GTOL`. A column that is zero in
-    every row (a constant feature after standardisation) has a zero gradient from W = 0 on, so its
-    weights stay 0: it is left out of the fit and gets zero weights.
+    The loss, its gradient and its Hessian-vector products are written out
+    (:class:`LogisticObjective`: float64, no autograd graph, one torch thread). When (d + 1) * C is
+    at most :data:`NEWTON_MAX_PARAMS` the fit is Newton's method with conjugate-gradient steps and
+    a backtracking line search (:func:`~mmdiag.diagnostics._newton.newton_cg`, at most ``max_iter``
+    Newton steps, until the gradient's norm is below :data:`GTOL`); larger problems use SciPy's
+    L-BFGS-B (at most ``max_iter`` iterations, until the gradient's largest entry is below
+    :data:`GTOL`). A column that is zero in every row (a constant feature after standardisation)
+    has a zero gradient from W = 0 on, so its weights stay 0: it is left out of the fit and gets
+    zero weights.
     """
     live = live_columns(x)
     xt = torch.as_tensor(np.ascontiguousarray(np.asarray(x, dtype=np.float64)[:, live]))
     onehot = torch.zeros(xt.shape[0], n_classes, dtype=torch.float64)
     onehot[torch.arange(xt.shape[0]), torch.as_tensor(np.asarray(y), dtype=torch.long)] = 1.0
     d = xt.shape[1]
-    start = np.zeros(d * n_classes + n_classes)
+    objective = LogisticObjective(xt, onehot, weight_decay)
     with one_thread():
-        loss = lambda t: _logistic_loss(t, xt, onehot, weight_decay)  # noqa: E731
         if (d + 1) * n_classes <= NEWTON_MAX_PARAMS:
             # the softmax does not depend on a common shift of the class biases, so the Hessian is
             # singular along it; the gradient has no component there, and conjugate gradients never
             # step into it
-            fit = minimize(loss, start, jac=True, hessp=_LogisticHessp(xt, weight_decay), method="trust-ncg",
-                           options={"maxiter": max_iter, "gtol": GTOL})
+            start = torch.zeros(d * n_classes + n_classes, dtype=torch.float64)
+            theta = newton_cg(objective.loss_grad, objective.hessp, start, GTOL, max_iter).numpy()
         else:
-            fit = minimize(loss, start, jac=True, method="L-BFGS-B",
+            fit = minimize(objective.numpy_loss_grad, np.zeros(d * n_classes + n_classes), jac=True,
+                           method="L-BFGS-B",
                            options={"maxiter": max_iter, "gtol": GTOL, "ftol": 1e-12, "maxcor": 20})
-        theta = fit.x
+            theta = fit.x
     w = np.zeros((x.shape[1], n_classes))
     w[live] = theta[:d * n_classes].reshape(d, n_classes)
     return w, theta[d * n_classes:].copy()
@@ -329,9 +329,11 @@ def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: i
     for x, seed in zip(xs, seeds):
         models.append(NoiseRegressor.seeded(int(x.shape[1]), hidden, seed))
         weights.append(_Weights(models[-1], live_columns(x), bias))
-    with one_thread():
-        for w, x in zip(weights, xs):
-            _train(w, x, tt, scale, steps, lr)
+    def train(wx: tuple[_Weights, np.ndarray]) -> None:
+        with one_thread():
+            _train(wx[0], wx[1], tt, scale, steps, lr)
+
+    share(train, list(zip(weights, xs)))  # independent fits: idle threads of the phase may take some
     for model, w in zip(models, weights):
         w.write_to(model)
     return [m.eval() for m in models]

@@ -10,10 +10,17 @@ state, and the whole phase runs torch and BLAS on one thread each, so no number 
 thread got there first. A diagnostic that reads ``prior`` waits for the results it reads. When the
 main thread has finished its own list, it computes the concurrent diagnostics the worker has not
 started yet (from the back of the queue) rather than wait.
+
+A diagnostic may also hand independent pieces of its work (``probe``'s and ``udml``'s fits, one per
+modality) to :func:`~mmdiag.runtime.threads.share`: a thread that would otherwise wait (the main
+thread at the end of its list or waiting for a result it reads, the worker with its queue done)
+takes the pieces not yet started, so three fits are split between two threads instead of queued
+on one.
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Mapping, Sequence, Union
 
@@ -21,7 +28,7 @@ from mmdiag.diagnostics.base import Diagnostic
 from mmdiag.errors import MmdiagError
 from mmdiag.evidence import ENCODER_KINDS, Evidence
 from mmdiag.report import Failure, Result
-from mmdiag.runtime.threads import one_thread
+from mmdiag.runtime.threads import SharedWork, one_thread, sharing_work
 
 Outcome = Union[Result, Failure]
 
@@ -51,15 +58,23 @@ class _Prior(Mapping[str, Result]):
     ``get`` or iteration), so the mapping holds exactly what a one-after-another run would."""
 
     def __init__(self, earlier: Sequence[str], outcomes: dict[str, Outcome],
-                 pending: dict[str, "Future[Outcome]"]) -> None:
-        self.earlier, self.outcomes, self.pending = list(earlier), outcomes, pending
+                 pending: dict[str, "Future[Outcome]"], work: SharedWork | None = None) -> None:
+        self.earlier, self.outcomes, self.pending, self.work = list(earlier), outcomes, pending, work
 
     def _settled(self, name: str) -> Outcome | None:
         future = self.pending.get(name)
         if future is not None:
+            if self.work is not None:  # while it computes, take on pieces of the work it shares
+                self.work.help_until(future.done)
             self.outcomes[name] = future.result()
             del self.pending[name]
         return self.outcomes.get(name)
+
+    def __bool__(self) -> bool:
+        # ``prior or {}`` must not wait for every earlier result: one settled result answers it
+        if any(isinstance(self.outcomes.get(n), Result) for n in self.earlier if n not in self.pending):
+            return True
+        return any(isinstance(self._settled(n), Result) for n in self.earlier)
 
     def __getitem__(self, name: str) -> Result:
         outcome = self._settled(name) if name in self.earlier else None
@@ -84,23 +99,32 @@ def run_diagnostics(ev: Evidence, diagnostics: Sequence[Diagnostic]) -> tuple[di
             outcomes[d.name] = compute_one(d, ev, _Prior(list(outcomes), outcomes, {}))
     else:
         names = [d.name for d in diagnostics]
-        with one_thread():
+        with one_thread(), sharing_work() as work:
             worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmdiag-diagnostic")
+            phase_over = threading.Event()
             try:
                 # one worker: the concurrent diagnostics run one after another, in their order
                 pending = {d.name: worker.submit(compute_one, d, ev, {}) for d in side}
+                for future in pending.values():
+                    future.add_done_callback(work.wake)
+                # with its queue done, the worker takes on pieces that this thread's diagnostics share
+                worker.submit(work.help_until, phase_over.is_set)
                 for i, d in enumerate(diagnostics):
                     if d.name not in pending and d.name not in outcomes:
-                        outcomes[d.name] = compute_one(d, ev, _Prior(names[:i], outcomes, pending))
+                        outcomes[d.name] = compute_one(d, ev, _Prior(names[:i], outcomes, pending, work))
                 # the worker takes its queue from the front; this thread, with nothing else left,
-                # takes from the back what the worker has not started, instead of waiting for it
+                # takes from the back what the worker has not started, instead of waiting for it,
+                # then takes on the pieces the running ones share (:func:`share`) until they finish
                 for d in reversed(side):
                     if d.name in pending and pending[d.name].cancel():
                         del pending[d.name]
                         outcomes[d.name] = compute_one(d, ev, {})
+                work.help_until(lambda: all(f.done() for f in pending.values()))
                 for name, future in list(pending.items()):
                     outcomes[name] = future.result()
             finally:
+                phase_over.set()
+                work.wake()
                 # on an interrupt the queued diagnostics are dropped and the running one finishes
                 # before the thread count is restored (it holds one_thread itself)
                 worker.shutdown(wait=True, cancel_futures=True)

@@ -13,6 +13,7 @@ from mmdiag.diagnostics.base import Diagnostic, register_diagnostic
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence
 from mmdiag.report import Result
+from mmdiag.runtime.threads import share
 from mmdiag.stats import bootstrap_mean_draws, percentile_interval
 from mmdiag.validation import Spec
 
@@ -26,7 +27,7 @@ class Probe(Diagnostic):
     regression p(y | h) = softmax(W_m^T s(h_m) + b_m) is fitted on the frozen pooled features h_m,
     with s(.) the standardisation by the training rows' mean and std (constant columns map to 0),
     by minimising mean CE + ``weight_decay`` * ||W_m||^2 from zero (strictly convex: one optimum,
-    no seed dependence; SciPy's trust-region Newton-CG for up to 400 parameters, L-BFGS-B beyond). Training rows are the separate probe data (``--probe-data``) when it was
+    no seed dependence; Newton-CG with a line search for up to 400 parameters, SciPy's L-BFGS-B beyond). Training rows are the separate probe data (``--probe-data``) when it was
     collected, and the probe is tested on every feature row; otherwise the feature rows are split
     by a seeded, per-class (stratified) split with ``test_fraction`` held out. The same split is
     used for every modality. P_m = accuracy of the probe on the held-out rows.
@@ -103,7 +104,9 @@ class Probe(Diagnostic):
                 source[m] = "split"
             scale = Standardiser.fit(x_train)
             data.append((scale(x_train), scale(x_test)))
-        fits = [fit_logistic(x, train_labels, ev.n_classes, self.weight_decay, self.max_iter) for x, _ in data]
+        # one independent fit per modality: idle threads of the diagnostics phase may take some
+        fits = share(lambda xy: fit_logistic(xy[0], train_labels, ev.n_classes, self.weight_decay, self.max_iter),
+                     data)
         train_acc = {m: float((predict_logistic(x, w, b) == train_labels).mean())
                      for m, (x, _), (w, b) in zip(ev.modalities, data, fits)}
         cols = [(predict_logistic(x, w, b) == test_labels).astype(np.float64) for (_, x), (w, b) in zip(data, fits)]

@@ -131,11 +131,11 @@ def test_deterministic_json_and_not_mutated():
 
 
 def test_hessian_vector_product_matches_autograd():
-    """The written-out Hessian-vector product of the penalised cross-entropy equals the autograd
-    Hessian (built column by column) times the vector."""
+    """The written-out loss, gradient and Hessian-vector product of the penalised cross-entropy
+    equal autograd's (the Hessian built column by column) at the latest loss_grad point."""
     import torch
 
-    from mmdiag.diagnostics._probes import _logistic_loss, _LogisticHessp
+    from mmdiag.diagnostics._probes import LogisticObjective
 
     rng = np.random.default_rng(3)
     n, d, c, lam = 50, 4, 3, 1e-2
@@ -143,19 +143,52 @@ def test_hessian_vector_product_matches_autograd():
     y = rng.integers(0, c, size=n)
     onehot = torch.zeros(n, c, dtype=torch.float64)
     onehot[torch.arange(n), torch.as_tensor(y)] = 1.0
-    theta = rng.normal(size=d * c + c)
+    theta = torch.as_tensor(rng.normal(size=d * c + c))
 
     def f(t):
         w, b = t[:d * c].view(d, c), t[d * c:]
         z = x @ w + b
         return (torch.logsumexp(z, 1) - (z * onehot).sum(1)).mean() + lam * (w * w).sum()
 
-    hess = torch.autograd.functional.hessian(f, torch.as_tensor(theta)).numpy()
-    assert np.allclose(_logistic_loss(theta, x, onehot, lam)[0], float(f(torch.as_tensor(theta))))
-    hessp = _LogisticHessp(x, lam)
-    for _ in range(3):  # the second and third reuse the softmax at theta
-        v = rng.normal(size=theta.shape[0])
-        np.testing.assert_allclose(hessp(theta, v), hess @ v, rtol=1e-10, atol=1e-12)
-    other = theta + 0.5  # a new theta: the softmax is recomputed
-    hess = torch.autograd.functional.hessian(f, torch.as_tensor(other)).numpy()
-    np.testing.assert_allclose(hessp(other, v), hess @ v, rtol=1e-10, atol=1e-12)
+    objective = LogisticObjective(x, onehot, lam)
+    for point in (theta, theta + 0.5):  # the second point: the softmax is recomputed
+        hess = torch.autograd.functional.hessian(f, point).numpy()
+        grad = torch.autograd.functional.jacobian(f, point).numpy()
+        loss, g = objective.loss_grad(point)
+        assert np.isclose(loss, float(f(point)), rtol=1e-12)
+        np.testing.assert_allclose(g.numpy(), grad, rtol=1e-10, atol=1e-12)
+        for _ in range(3):  # the later calls reuse the softmax at the point
+            v = torch.as_tensor(rng.normal(size=theta.shape[0]))
+            np.testing.assert_allclose(objective.hessp(v).numpy(), hess @ v.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_newton_fit_reaches_scipys_optimum(seed):
+    """fit_logistic's Newton-CG and an independent SciPy BFGS fit of the same objective (written
+    with autograd) reach the same weights, and the Newton fit's gradient is below its tolerance."""
+    import torch
+    from scipy.optimize import minimize
+
+    from mmdiag.diagnostics._probes import GTOL, LogisticObjective, fit_logistic
+
+    rng = np.random.default_rng(seed)
+    n, d, c, lam = 400, 12, 5, 1e-3
+    y = rng.integers(0, c, size=n)
+    x = rng.normal(size=(n, d)) + rng.normal(size=(c, d))[y]  # separable-ish classes
+    w, b = fit_logistic(x, y, c, lam)
+    xt = torch.as_tensor(x)
+    onehot = torch.nn.functional.one_hot(torch.as_tensor(y), c).double()
+
+    def f(t_np):
+        t = torch.as_tensor(t_np).requires_grad_(True)
+        z = xt @ t[:d * c].view(d, c) + t[d * c:]
+        loss = (torch.logsumexp(z, 1) - (z * onehot).sum(1)).mean() + lam * (t[:d * c] ** 2).sum()
+        loss.backward()
+        return float(loss.detach()), t.grad.numpy().copy()
+
+    ref = minimize(f, np.zeros(d * c + c), jac=True, method="BFGS", options={"gtol": 1e-10, "maxiter": 2000})
+    # the class biases are defined up to a common shift: compare them centred
+    np.testing.assert_allclose(w, ref.x[:d * c].reshape(d, c), atol=1e-6)
+    np.testing.assert_allclose(b - b.mean(), ref.x[d * c:] - ref.x[d * c:].mean(), atol=1e-6)
+    _, grad = LogisticObjective(xt, onehot, lam).loss_grad(torch.as_tensor(np.concatenate([w.ravel(), b])))
+    assert float(grad.norm()) <= GTOL
