@@ -217,8 +217,9 @@ class ModelAdapter:
         """Whether encoder-level diagnostics (features, feature gradients) can run."""
         return bool(self.encoders)
 
-    def call_model(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Run the model on a batch of modality tensors; returns validated class logits [B, C].
+    def call_model(self, inputs: Mapping[str, Tensor], rows: int | None = None) -> Tensor:
+        """Run the model on a batch of modality tensors; returns validated class logits [B, C]
+        (B = ``rows``, by default the inputs' batch size).
 
         A binary classifier's single logit ([B] or [B, 1]) is returned as the two-class logits
         [0, z] (see :func:`mmdiag.tensors.as_class_logits`). An exception raised by the model's
@@ -247,7 +248,7 @@ class ModelAdapter:
             ) from exc
         except Exception as exc:  # noqa: BLE001 - the user's own checks (AssertionError, custom errors)
             raise user_code_error(exc, "running the model's forward") from exc
-        batch = next(iter(inputs.values())).shape[0]
+        batch = next(iter(inputs.values())).shape[0] if rows is None else rows
         logits, kind = as_class_logits(logits_of(out), batch)
         if self.output_kind is None:
             self.output_kind = kind
@@ -351,14 +352,15 @@ class ModelAdapter:
             )
         return logits, dict(captured)
 
-    def head_forward(self, inputs: Mapping[str, Tensor], features: Mapping[str, Any]) -> Tensor:
+    def head_forward(self, inputs: Mapping[str, Tensor], features: Mapping[str, Any], rows: int | None = None) -> Tensor:
         """Logits from given encoder outputs: encoders are stubbed, only fusion and head run.
 
         ``inputs`` is still passed to the model (its forward signature needs it) but the stubs
-        ignore it. Gradients flow into ``features``.
+        ignore it. Gradients flow into ``features``. ``rows``: the logits' batch size when the
+        features hold another number of rows than the inputs (several feature sets stacked).
         """
         with self._swapped(features):
-            return self.call_model(inputs)
+            return self.call_model(inputs, rows)
 
     # ------------------------------------------------------------------ masking
     def _baseline_like(self, value: Tensor, stats: MaskStats, m: str, generator: torch.Generator | None, at: str = "feature") -> Tensor:

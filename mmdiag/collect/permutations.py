@@ -30,21 +30,23 @@ class PermutationsProducer(Producer):
     def accumulate(self, batch: Batch) -> None:
         a, k_count = self.run.adapter, self.run.settings.permutations
         labels, b = batch.labels, batch.size
+        pairs = [(k, j) for k in range(k_count) for j in range(len(a.modalities))]
+        # the permutations in the order one call at a time drew them
+        perms = [torch.randperm(b, generator=self.run.gen).to(labels.device) for _ in pairs]
+        if a.mask_at == "feature" and batch.feats is not None:
+            shuffled = []
+            for (_, j), perm in zip(pairs, perms):
+                m = a.modalities[j]
+                shuffled.append({**batch.feats, m: map_tensors(lambda t, perm=perm: t[perm], batch.feats[m])})
+            logits = self.run.stacked_head.logits(batch.inputs, shuffled)  # stacked when exact
+        else:
+            logits = [a.call_model({**batch.inputs, a.modalities[j]: batch.inputs[a.modalities[j]][perm]})
+                      for (_, j), perm in zip(pairs, perms)]
         correct = torch.zeros(k_count, len(a.modalities), b, dtype=torch.bool)
         nll = torch.zeros(k_count, len(a.modalities), b)
-        for k in range(k_count):
-            for j, m in enumerate(a.modalities):
-                perm = torch.randperm(b, generator=self.run.gen).to(labels.device)
-                if a.mask_at == "feature" and batch.feats is not None:
-                    shuffled = dict(batch.feats)
-                    shuffled[m] = map_tensors(lambda t: t[perm], batch.feats[m])
-                    z = a.head_forward(batch.inputs, shuffled)
-                else:
-                    shuffled_in = dict(batch.inputs)
-                    shuffled_in[m] = batch.inputs[m][perm]
-                    z = a.call_model(shuffled_in)
-                correct[k, j] = (z.argmax(-1) == labels).cpu()
-                nll[k, j] = F.cross_entropy(z.float(), labels, reduction="none").cpu()
+        for (k, j), z in zip(pairs, logits):
+            correct[k, j] = (z.argmax(-1) == labels).cpu()
+            nll[k, j] = F.cross_entropy(z.float(), labels, reduction="none").cpu()
         self.correct.append(correct)
         self.nll.append(nll)
 

@@ -29,6 +29,7 @@ from mmdiag.collect.checks import check_finite, check_labels, eval_mode
 from mmdiag.collect.producer import PRODUCERS, Batch, Producer
 from mmdiag.collect.sampling import gather_evidence, make_loader, per_rank, take
 from mmdiag.collect.settings import CollectSettings, ProgressFn
+from mmdiag.collect.stacking import StackedHead
 from mmdiag.collect.stats_pass import estimate_stats
 from mmdiag.runtime.batching import split_batch
 from mmdiag.runtime.device import resolve_device
@@ -56,6 +57,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self.world = 1
         self.n_total: int | None = None
+        self.stacked_head = StackedHead(adapter)
 
     def batches(self, loader: DataLoader, limit: int | None = None) -> Iterator[tuple[int, dict[str, Tensor], Tensor, dict[str, Tensor]]]:
         """(offset, inputs on the device, labels, extras) per batch, up to ``limit`` rows."""

@@ -30,16 +30,17 @@ class SubsetsProducer(Producer):
     def accumulate(self, batch: Batch) -> None:
         a = self.run.adapter
         full = (1 << len(a.modalities)) - 1
-        out = []
-        for mask in range(full + 1):
-            if mask == full:
-                out.append(batch.logits)
-                continue
-            present = members(mask, a.modalities)
-            z = a.subset_logits(batch.inputs, present, batch.feats, self.run.gen)
+        subsets = [members(mask, a.modalities) for mask in range(full)]
+        if a.mask_at == "feature" and batch.feats is not None:
+            # the masked feature sets first (the generator's draws in the same order as one call
+            # at a time), then the fusion head on all of them, stacked when that is exact
+            masked = [a.masked_features(batch.feats, present, self.run.gen) for present in subsets]
+            logits = self.run.stacked_head.logits(batch.inputs, masked)
+        else:
+            logits = [a.subset_logits(batch.inputs, present, batch.feats, self.run.gen) for present in subsets]
+        for present, z in zip(subsets, logits):
             check_finite(z, f"modalities present: {'+'.join(present) or 'none'}")
-            out.append(z)
-        self.parts.append(torch.stack(out).float().cpu())
+        self.parts.append(torch.stack([*logits, batch.logits]).float().cpu())
 
     def finish(self) -> dict[str, Any]:
         return {"subsets": torch.cat(self.parts, dim=1)} if self.parts else {}
