@@ -61,38 +61,32 @@ def _one_at_a_time(adapter: ModelAdapter, inputs: dict[str, torch.Tensor], sets:
         return [adapter.head_forward(inputs, f) for f in sets]
 
 
-def test_a_row_wise_head_is_stacked_with_the_same_logits() -> None:
-    model = TwoTower().eval()
+def _twice(model: TwoTower) -> tuple[StackedHead, int, int]:
+    """Two ``logits`` calls on eight feature sets; both must equal one call per set. Returns the
+    head, the number of sets and the model's calls in the second (after the first checked stacking)."""
     adapter = ModelAdapter(model, MODS, call="dict", encoders={"audio": "audio_net", "visual": "visual_net"})
     inputs = _data()
     sets = _feature_sets(model, inputs)
     expected = _one_at_a_time(adapter, inputs, sets)
     head = StackedHead(adapter)
     with torch.no_grad():
-        first = head.logits(inputs, sets)  # checks stacking against one call at a time
-        assert head.exact is True
+        first = head.logits(inputs, sets)
         model.head_calls = 0
         second = head.logits(inputs, sets)
-    assert model.head_calls == 1  # eight feature sets, one call
     for got in (first, second):
         assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+    return head, len(sets), model.head_calls
+
+
+def test_a_row_wise_head_is_stacked_with_the_same_logits() -> None:
+    head, _, calls = _twice(TwoTower().eval())
+    assert head.exact is True and calls == 1  # eight feature sets, one call
 
 
 def test_a_head_that_mixes_rows_is_called_one_set_at_a_time() -> None:
     for model in (TwoTower(mix=True).eval(), TwoTower(batch_from_inputs=True).eval()):
-        adapter = ModelAdapter(model, MODS, call="dict", encoders={"audio": "audio_net", "visual": "visual_net"})
-        inputs = _data()
-        sets = _feature_sets(model, inputs)
-        expected = _one_at_a_time(adapter, inputs, sets)
-        head = StackedHead(adapter)
-        with torch.no_grad():
-            first = head.logits(inputs, sets)
-            assert head.exact is False
-            model.head_calls = 0
-            second = head.logits(inputs, sets)
-        assert model.head_calls == len(sets)
-        for got in (first, second):
-            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        head, n_sets, calls = _twice(model)
+        assert head.exact is False and calls == n_sets
 
 
 def test_evidence_is_the_same_with_and_without_stacking(monkeypatch: Any) -> None:
