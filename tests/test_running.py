@@ -262,3 +262,29 @@ def test_prior_truthiness_does_not_wait_for_a_concurrent_result(evidence: Any) -
                                             _Truthy(bootstrap=0)])
     assert list(results) == ["slow_side", "unimodal", "truthy"]
     assert _Truthy.read == [(True, False)]  # answered while slow_side still ran
+
+
+def test_one_thread_nests_and_the_outermost_restores() -> None:
+    from threadpoolctl import threadpool_info
+
+    from mmdiag.runtime.threads import one_thread
+
+    threads = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1  # the inner block left the setting alone
+        assert all(p["num_threads"] == 1 for p in threadpool_info())
+    assert torch.get_num_threads() == threads
+
+
+def test_a_phase_started_while_another_holds_the_pool_joins_it() -> None:
+    from mmdiag.runtime import threads as th
+
+    with th.sharing_work() as outer:
+        with th.sharing_work() as inner:
+            assert inner is outer and th._ACTIVE is outer
+        assert th._ACTIVE is outer  # the joiner does not end the owner's pool
+    assert th._ACTIVE is None
+    assert th.share(lambda x: x * 2, [1, 2]) == [2, 4]

@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 T = TypeVar("T")
 
 
-_HOLD_LOCK = threading.Lock()
+_STATE_LOCK = threading.Lock()
 _HOLDERS = 0  # one_thread blocks entered and not yet left, in any thread
 
 
@@ -27,13 +27,16 @@ def one_thread() -> Iterator[None]:
     diagnostics phase while a worker thread computes beside it: thread start-up costs more than it
     saves, and on a busy machine several threads per tiny operation slow the fit ten-fold (SciPy's
     solvers on a multi-threaded BLAS: 20x measured on two busy cores).
+
+    Nested blocks (in any thread) leave the setting to the outermost one, which restores it when it
+    ends: entering again would cost about 2 ms for nothing.
     """
     global _HOLDERS
-    with _HOLD_LOCK:
+    with _STATE_LOCK:
         _HOLDERS += 1
         outermost = _HOLDERS == 1
     try:
-        if not outermost:  # already held (the diagnostics phase): entering again costs ~2 ms for nothing
+        if not outermost:  # already held (e.g. by the diagnostics phase)
             yield
             return
         n = torch.get_num_threads()
@@ -44,7 +47,7 @@ def one_thread() -> Iterator[None]:
         finally:
             torch.set_num_threads(n)
     finally:
-        with _HOLD_LOCK:
+        with _STATE_LOCK:
             _HOLDERS -= 1
 
 
@@ -133,13 +136,20 @@ _ACTIVE: SharedWork | None = None
 @contextlib.contextmanager
 def sharing_work() -> Iterator[SharedWork]:
     """Make :func:`share` offer its calls to the threads of a phase (process-wide while held: the
-    worker threads of the phase must see it)."""
+    worker threads of the phase must see it). A phase that starts while another holds one (in
+    another thread) joins it: the pool is not tied to a phase, and the first holder ends it."""
     global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, SharedWork()
+    with _STATE_LOCK:
+        owner = _ACTIVE is None
+        if owner:
+            _ACTIVE = SharedWork()
+        work = _ACTIVE
     try:
-        yield _ACTIVE
+        yield work
     finally:
-        _ACTIVE = previous
+        if owner:
+            with _STATE_LOCK:
+                _ACTIVE = None
 
 
 def share(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
