@@ -13,7 +13,6 @@ import torch
 from typer.testing import CliRunner
 
 from tests.helpers.cli_run import run
-from mmdiag.cli.app import app
 from mmdiag.loading import save_state_dict
 from tests.helpers.toys import DOMINANT, toy_split, trained_toy
 

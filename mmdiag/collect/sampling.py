@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mmdiag.collect.settings import CollectSettings
-from mmdiag.errors import ConfigError, EvidenceError
+from mmdiag.errors import ConfigError
 from mmdiag.evidence import Evidence, merge_evidence
 from mmdiag.runtime.distributed import all_gather_objects
 from mmdiag.tensors import map_tensors

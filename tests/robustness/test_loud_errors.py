@@ -10,7 +10,6 @@ interval are refused with a message that says what to do.
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from tests.helpers.cli_run import run
-from mmdiag.cli.app import app
 from mmdiag.errors import UserCodeError, user_iteration
 from mmdiag.report import SCHEMA_VERSION, Report, Result
 
