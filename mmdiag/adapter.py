@@ -48,7 +48,9 @@ from mmdiag.tensors import (  # noqa: F401 - re-exported
     as_class_logits,
     clone_tree,
     first_tensor,
+    leaf_key,
     logits_of,
+    map_leaves_indexed,
     map_tensors,
     tensor_leaves,
     unsupported_container,
@@ -371,7 +373,7 @@ class ModelAdapter:
         if m not in stats.mean:  # never a silent zero in place of the stated mask
             raise EvidenceError(
                 f"The `{self.mask}` mask replaces an absent modality with its data's statistics, but none were "
-                f"estimated for {m!r}'s {at} values. Estimate them first "
+                f"estimated for the {at} values of {m!r}. Estimate them first "
                 "(`mmdiag.runtime.mask_stats.estimate_mask_stats(adapter, batches, max_rows)`), or use the `zero` mask."
             )
         mean = torch.as_tensor(stats.mean[m], dtype=value.dtype, device=value.device).expand_as(value)
@@ -403,9 +405,10 @@ class ModelAdapter:
             if m in present:
                 out[m] = features[m]
             else:
-                out[m] = map_tensors(
-                    lambda t, m=m: self._baseline_like(t, self.feature_stats, m, generator), features[m]
-                )
+                # one statistic per tensor of a structured encoder output (see MomentSums.add)
+                out[m] = map_leaves_indexed(
+                    lambda t, i, m=m: self._baseline_like(t, self.feature_stats, leaf_key(m, i), generator),
+                    features[m])
         return out
 
     def subset_logits(

@@ -54,6 +54,22 @@ def map_tensors(fn: Callable[[Tensor], Any], obj: Any) -> Any:
     return obj
 
 
+def leaf_key(name: str, index: int | None) -> str:
+    """The key of a statistic of one tensor of a structured value: ``name`` for a plain tensor
+    (``index`` None), ``name[index]`` for the index-th tensor of a structure (the order of
+    :func:`tensor_leaves`)."""
+    return name if index is None else f"{name}[{index}]"
+
+
+def map_leaves_indexed(fn: Callable[[Tensor, int | None], Any], obj: Any) -> Any:
+    """:func:`map_tensors` with each tensor's position: None for a plain tensor, else its index in
+    :func:`tensor_leaves` order."""
+    if isinstance(obj, Tensor):
+        return fn(obj, None)
+    position = iter(range(10**9))
+    return map_tensors(lambda t: fn(t, next(position)), obj)
+
+
 def clone_tree(obj: Any) -> Any:
     """A private copy of every tensor in ``obj`` (autograd still flows through the copy).
 

@@ -93,8 +93,9 @@ def test_evidence_is_the_same_with_and_without_stacking(monkeypatch: Any) -> Non
     """The subsets and permutations kinds from stacked calls equal, bit for bit, those from one call
     at a time (the generator's draws stay in the same order), with a ``noise`` mask that draws."""
     g = np.random.default_rng(0)
-    arrays = {"audio": g.normal(size=(300, 6)).astype(np.float32), "visual": g.normal(size=(300, 5)).astype(np.float32),
-              "label": g.integers(0, 3, 300)}
+    n = 300  # four batches of 64 and a last one of 44: a second shape, checked again
+    arrays = {"audio": g.normal(size=(n, 6)).astype(np.float32), "visual": g.normal(size=(n, 5)).astype(np.float32),
+              "label": g.integers(0, 3, n)}
     model = TwoTower().eval()
 
     def run() -> Any:
@@ -107,6 +108,40 @@ def test_evidence_is_the_same_with_and_without_stacking(monkeypatch: Any) -> Non
     stacked_calls, model.head_calls = model.head_calls, 0
     monkeypatch.setattr(StackedHead, "logits", lambda self, inputs, sets: [self.adapter.head_forward(inputs, f) for f in sets])
     single = run()
-    assert stacked_calls < model.head_calls / 2  # 3 + 10 head calls a batch, against 2 (after the checked first)
+    # one call per set: 3 subsets + 10 permutations = 13 head calls a batch; stacked: 2 (one per
+    # kind), plus the 13 of the check on the first batch of each shape (64 rows, then 44)
+    assert model.head_calls - stacked_calls == 5 * 13 - (2 * (13 + 2) + 3 * 2)
     assert torch.equal(stacked.subsets, single.subsets)
     assert torch.equal(stacked.perm_correct, single.perm_correct) and torch.equal(stacked.perm_nll, single.perm_nll)
+
+
+class _RowCountHead:
+    """An adapter stand-in whose head rounds differently when a call holds fewer than 8 rows (as a
+    CPU matrix product may): stacking is exact for 16-row batches and not for 4-row ones."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def head_forward(self, inputs: Any, features: Any, rows: int | None = None) -> torch.Tensor:
+        self.calls += 1
+        x = features["a"]
+        return x * (1.0 + 1e-6) if x.shape[0] < 8 else x.clone()
+
+
+def test_a_batch_of_another_size_is_checked_again() -> None:
+    adapter = _RowCountHead()
+    head = StackedHead(adapter)
+
+    def sets(rows: int) -> list[dict[str, torch.Tensor]]:
+        return [{"a": torch.full((rows, 2), float(k))} for k in range(1, 4)]
+
+    for rows, expected_exact in ((16, True), (16, True), (4, False), (4, False), (16, True)):
+        adapter.calls = 0
+        got = head.logits({}, sets(rows))
+        singles = [adapter.head_forward({}, f) for f in sets(rows)]
+        assert all(torch.equal(a, b) for a, b in zip(got, singles))  # always the bits of one call per set
+        assert head.checked[(rows, 3)] is expected_exact
+    assert head.exact is False  # not every shape stacks exactly
+    adapter.calls = 0
+    head.logits({}, sets(16))
+    assert adapter.calls == 1  # the 16-row shape still goes in one call

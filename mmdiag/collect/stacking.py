@@ -8,9 +8,12 @@ call of K x B rows, which gives each row the logits it would get alone when the 
 rows independently (an evaluation-mode model does, unless its forward mixes rows or reads the
 batch size from the inputs).
 
-That is checked, not assumed: the first stacked call is compared with the calls one set at a time
-(equal to the last bit), and any difference, error or shape the split cannot undo turns stacking
-off for the rest of the pass, at no cost to the numbers.
+That is checked, not assumed: the first stacked call of each shape (rows per set, number of sets)
+is compared with the calls one set at a time, which must be equal to the last bit. A CPU matrix
+product can round a row differently depending on how many rows share the call (a last batch of a
+few rows does), so a shape the check has not seen is checked again. A difference leaves that shape
+to one call per set; an error or a shape the split cannot undo turns stacking off for the rest of
+the pass. Either way the numbers are those of one call per set.
 """
 
 from __future__ import annotations
@@ -31,28 +34,42 @@ class StackedHead:
 
     def __init__(self, adapter: Any) -> None:
         self.adapter = adapter
-        #: None until checked on the first stacked call, then whether stacking is exact
-        self.exact: bool | None = None
+        #: (rows per set, number of sets) -> whether the stacked call gave the same bits
+        self.checked: dict[tuple[int, int], bool] = {}
+        #: False once a stacked call raised or returned a shape the split cannot undo
+        self.usable = True
+
+    @property
+    def exact(self) -> bool | None:
+        """Whether stacking was exact for every shape checked so far (None: nothing checked yet)."""
+        if not self.usable:
+            return False
+        return all(self.checked.values()) if self.checked else None
 
     def logits(self, inputs: Mapping[str, Tensor], feature_sets: Sequence[Mapping[str, Any]]) -> list[Tensor]:
         """``[adapter.head_forward(inputs, f) for f in feature_sets]``, in fewer calls when exact."""
         rows = _batch_rows(feature_sets)
-        if self.exact is False or len(feature_sets) < 2 or rows is None:
-            return [self.adapter.head_forward(inputs, f) for f in feature_sets]
-        if self.exact is None:
-            singles = [self.adapter.head_forward(inputs, f) for f in feature_sets]
+        shape = (rows or 0, len(feature_sets))
+        if not self.usable or len(feature_sets) < 2 or rows is None or self.checked.get(shape) is False:
+            return self._one_at_a_time(inputs, feature_sets)
+        if shape not in self.checked:
+            singles = self._one_at_a_time(inputs, feature_sets)
             try:
                 stacked = self._stacked(inputs, feature_sets, rows)
             except Exception:  # noqa: BLE001 - a forward that cannot take stacked features: one set at a time
-                stacked = None
-            self.exact = stacked is not None and all(
+                self.usable = False
+                return singles
+            self.checked[shape] = all(
                 a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(stacked, singles))
             return singles
         try:
             return self._stacked(inputs, feature_sets, rows)
-        except Exception:  # noqa: BLE001 - e.g. a batch of another shape: one set at a time from now on
-            self.exact = False
-            return [self.adapter.head_forward(inputs, f) for f in feature_sets]
+        except Exception:  # noqa: BLE001 - checked on an earlier batch; one set at a time from now on
+            self.usable = False
+            return self._one_at_a_time(inputs, feature_sets)
+
+    def _one_at_a_time(self, inputs: Mapping[str, Tensor], feature_sets: Sequence[Mapping[str, Any]]) -> list[Tensor]:
+        return [self.adapter.head_forward(inputs, f) for f in feature_sets]
 
     def _stacked(self, inputs: Mapping[str, Tensor], feature_sets: Sequence[Mapping[str, Any]],
                  rows: int) -> list[Tensor]:

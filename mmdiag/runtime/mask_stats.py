@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mmdiag.adapter import MaskStats, ModelAdapter
+from mmdiag.tensors import leaf_key, map_leaves_indexed
 
 __all__ = ["MomentSums", "estimate_mask_stats"]
 
@@ -26,14 +27,18 @@ class MomentSums:
         self.rows = 0
 
     def add(self, values: Mapping[str, Any], rows: int) -> None:
-        """Add one batch (``rows`` rows) of per-modality tensors; non-tensor values are left out."""
+        """Add one batch (``rows`` rows) of per-modality values: a tensor is kept under its modality,
+        each tensor of a structured value (an encoder returning a tuple or a dict) under
+        :func:`~mmdiag.tensors.leaf_key` (``name[i]``)."""
         for m, x in values.items():
-            if isinstance(x, Tensor):
-                xf = x.detach().double()
-                acc = self.sums.setdefault(m, [torch.zeros_like(xf[0]), torch.zeros_like(xf[0])])
-                acc[0] += xf.sum(0)
-                acc[1] += (xf * xf).sum(0)
+            map_leaves_indexed(lambda t, i, m=m: self._add(leaf_key(m, i), t), x)
         self.rows += rows
+
+    def _add(self, key: str, x: Tensor) -> None:
+        xf = x.detach().double()
+        acc = self.sums.setdefault(key, [torch.zeros_like(xf[0]), torch.zeros_like(xf[0])])
+        acc[0] += xf.sum(0)
+        acc[1] += (xf * xf).sum(0)
 
     def stats(self) -> MaskStats:
         """Per-element mean and (population) standard deviation of each modality, as float32."""
