@@ -59,7 +59,7 @@ class StackedHead:
             except Exception:  # noqa: BLE001 - a forward that cannot take stacked features: one set at a time
                 self.usable = False
                 return singles
-            self.checked[shape] = all(
+            self.checked[shape] = len(stacked) == len(singles) and all(
                 a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(stacked, singles))
             return singles
         try:
