@@ -147,8 +147,10 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, weight_decay: flo
     at most :data:`NEWTON_MAX_PARAMS` the fit is Newton's method with conjugate-gradient steps and
     a backtracking line search (:func:`~mmdiag.diagnostics._newton.newton_cg`, at most ``max_iter``
     Newton steps, until the gradient's norm is below :data:`GTOL`); larger problems use SciPy's
-    L-BFGS-B (at most ``max_iter`` iterations, until the gradient's largest entry is below
-    :data:`GTOL`). A column that is zero in every row (a constant feature after standardisation)
+    L-BFGS-B, which stops at whichever comes first of ``max_iter`` iterations, the gradient's
+    largest entry below :data:`GTOL`, or a relative loss change below 1e-12 (measured on 410-1290
+    parameters: the largest gradient entry was then 3e-7 to 4e-7, the loss 3e-11 above the
+    optimum, the held-out predictions those of the optimum). A column that is zero in every row (a constant feature after standardisation)
     has a zero gradient from W = 0 on, so its weights stay 0: it is left out of the fit and gets
     zero weights.
     """
