@@ -10,6 +10,7 @@ can refuse feature-level masking of it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -66,7 +67,7 @@ def map_leaves_indexed(fn: Callable[[Tensor, int | None], Any], obj: Any) -> Any
     :func:`tensor_leaves` order."""
     if isinstance(obj, Tensor):
         return fn(obj, None)
-    position = iter(range(10**9))
+    position = itertools.count()
     return map_tensors(lambda t: fn(t, next(position)), obj)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mmdiag.tensors import map_tensors, tensor_leaves
+from mmdiag.tensors import map_leaves_indexed, tensor_leaves
 
 #: most bytes of stacked encoder outputs in one call (more sets go in several calls)
 STACK_BYTES = 64 * 2**20
@@ -98,10 +98,4 @@ def _cat_like(values: Sequence[Any]) -> Any:
     """One structure like ``values[0]`` whose tensors are the matching tensors of every value,
     concatenated along dimension 0."""
     leaves = [tensor_leaves(v) for v in values]
-    position = iter(range(len(leaves[0])))
-
-    def cat(_first: Tensor) -> Tensor:
-        i = next(position)
-        return torch.cat([lv[i] for lv in leaves], dim=0)
-
-    return map_tensors(cat, values[0])
+    return map_leaves_indexed(lambda _t, i: torch.cat([lv[i or 0] for lv in leaves], dim=0), values[0])
