@@ -253,7 +253,7 @@ REBALANCE: dict[str, Spec] = {**SETTINGS, "baseline": BOOL}
 COLLECT: dict[str, Spec] = {
     "batch_size": POSITIVE_INT, "num_workers": COUNT, "device": DEVICE, "seed": SEED,
     "max_feature_samples": COUNT, "max_grad_samples": COUNT, "grad_fraction": FRACTION,
-    "param_grad_fraction": FRACTION, "noise_fraction": FRACTION, "max_noise_samples": COUNT, "max_attribution_samples": COUNT,
+    "param_grad_fraction": FRACTION, "param_grad_rows": POSITIVE_INT, "noise_fraction": FRACTION, "max_noise_samples": COUNT, "max_attribution_samples": COUNT,
     "attribution_fraction": FRACTION, "stats_samples": COUNT, "permutations": POSITIVE_INT,
     "noise_levels": Spec("ints", minimum=1, hint="1 is clean"), "noise_step": Spec("float", minimum=0.0, above=True),
     "ig_steps": POSITIVE_INT, "ig_max_steps": POSITIVE_INT, "ig_tolerance": Spec("float", minimum=0.0),

@@ -182,7 +182,8 @@ def test_gradient_and_attribution_subsamples_follow_the_fractions():
     assert ev.meta["subsample_rows"] == {"grad": 300, "param_grad": 64, "attribution": 50}
     assert int(ev.grad_batch_sizes.sum()) == 64 and ev.grad_cosine.shape == (ev.grad_batch_sizes.numel(), 2)
     assert len(set(ev.grad_rows.tolist())) == 300
-    # the parameter-gradient rows are drawn from the feature-gradient rows (one seeded permutation)
+    # 64 rows need all four batches, so they are spread over them: a pick from the feature-gradient
+    # rows' permutation (slices of 16 rows in a subset of the batches: tests/test_param_grad_slices.py)
     from mmdiag.collect import pick as _pick
 
     assert _pick(400, 64, 12) <= _pick(400, 300, 12)

@@ -1,5 +1,5 @@
 """``attribution``: Integrated-Gradients attribution mass per modality (captum), on a seeded
-subsample of N/64 rows (``attribution_fraction``; at least :data:`ATTRIBUTION_FLOOR`, at most
+subsample of N/128 rows (``attribution_fraction``; at least :data:`ATTRIBUTION_FLOOR`, at most
 ``max_attribution_samples``).
 
 Attributed rows wait until they fill one Integrated-Gradients batch (rows x steps = batch size):

@@ -2,8 +2,11 @@
 encoder's parameters, and the norm of each encoder's mean fused-loss gradient.
 
 An encoder forward and two encoder backwards a row, so it runs on a smaller seeded share than the
-feature gradients (``param_grad_fraction``, N/16; at least :data:`PARAM_GRAD_FLOOR`), drawn from
-the same permutation: its rows are among the feature-gradient rows.
+feature gradients (``param_grad_fraction``, N/32; at least :data:`PARAM_GRAD_FLOOR`, never more
+than the feature-gradient rows), taken as ``param_grad_rows`` (16) rows from each of a seeded set
+of batches (:func:`~mmdiag.collect.sampling.pick_slices`): the cosine of a batch is always the
+cosine of the gradients of 16 rows, whatever N, the share or the cap (when the share asks for
+every batch, as at the floor on a small set, its rows are spread over all of them).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch import Tensor
 
 from mmdiag.collect.gradients import gradient_rows
 from mmdiag.collect.producer import Batch, Producer, register_producer
-from mmdiag.collect.sampling import pick, rows_in, subsample_size, take
+from mmdiag.collect.sampling import pick_slices, rows_in, subsample_size, take
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence, EvidenceKind, FieldSpec
 
@@ -93,9 +96,10 @@ class ParamGradProducer(Producer):
 
     def start(self) -> None:
         s = self.run.settings
-        self.n_rows = min(gradient_rows(self.run), subsample_size(
+        rows = min(gradient_rows(self.run), subsample_size(
             self.run.n_total, s.max_grad_samples, s.param_grad_fraction, -(-PARAM_GRAD_FLOOR // self.run.world)))
-        self.chosen = pick(self.run.n_total, self.n_rows, s.seed + 12)
+        self.chosen = pick_slices(self.run.n_total, rows, s.batch_size, s.param_grad_rows, s.seed + 12)
+        self.n_rows = rows if self.chosen is None else len(self.chosen)
 
     def accumulate(self, batch: Batch) -> None:
         r = rows_in(batch.offset, batch.size, self.chosen, self.n_rows)

@@ -69,6 +69,31 @@ def pick(n: int | None, cap: int, seed: int) -> set[int] | None:
     return set(torch.randperm(n, generator=g)[:cap].tolist())
 
 
+def pick_slices(n: int | None, rows: int, batch_size: int, per_batch: int, seed: int) -> set[int] | None:
+    """A seeded set of at most ``rows`` row numbers out of ``n``, ``per_batch`` from each of a seeded
+    random set of max(1, rows // per_batch) batches (batch b holds the rows b * batch_size onwards of
+    the pass), so that every batch that holds some holds the same number (a short last batch: all
+    of its rows, at most ``per_batch``). When that asks for every batch or more, the rows are a
+    :func:`pick` (spread over every batch). None: all rows; n unknown: the first ``rows``.
+
+    Why: a statistic per batch of the subsample (``param_grads``'s cosine of two gradients) depends
+    on how many rows make it, so their number must not change with N or with the subsample's share.
+    """
+    if n is None or rows >= n:
+        return pick(n, rows, seed)
+    n_batches = -(-n // batch_size)
+    wanted = max(1, rows // per_batch)
+    if wanted >= n_batches:
+        return pick(n, rows, seed)
+    g = torch.Generator().manual_seed(seed)
+    chosen: set[int] = set()
+    for b in sorted(torch.randperm(n_batches, generator=g)[:wanted].tolist()):
+        start = b * batch_size
+        size = min(batch_size, n - start)
+        chosen.update(start + i for i in torch.randperm(size, generator=g)[:per_batch].tolist())
+    return chosen
+
+
 def rows_in(offset: int, size: int, chosen: set[int] | None, cap: int) -> Tensor:
     """Positions within a batch whose global row number is in ``chosen`` (all when None)."""
     if cap == 0:

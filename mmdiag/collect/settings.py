@@ -29,7 +29,11 @@ class CollectSettings:
         param_grad_fraction: fraction of the rows whose encoder-parameter gradients
             (``param_grads``: an encoder forward and two encoder backwards per row, the costlier
             kind) are taken (at least :data:`PARAM_GRAD_FLOOR` rows, at most ``max_grad_samples``,
-            and never more than the feature-gradient rows, which they are drawn from).
+            and never more than the feature-gradient rows).
+        param_grad_rows: rows of one batch's parameter gradients: the subsample is taken as this
+            many rows from each of a seeded set of batches, so each per-batch cosine is over the
+            same number of rows whatever N and the share (see
+            :func:`~mmdiag.collect.sampling.pick_slices`).
         noise_fraction: fraction of the rows corrupted at every noise level (UDML's
             ``noise_features``: each row costs one encoder forward per noisy level) (at least
             :data:`~mmdiag.collect.noise.NOISE_FLOOR` rows, at most ``max_noise_samples``); 1 = up to the cap.
@@ -39,7 +43,8 @@ class CollectSettings:
             rows, at most ``max_attribution_samples``); 1 = up to the cap.
         stats_samples: rows used to estimate the mean/std masks and the data scale.
         permutations: K, permutations per modality for the perceptual score.
-        noise_levels: integer noise levels; level 1 is clean.
+        noise_levels: integer noise levels; level 1 is clean. The default is every other level of
+            UDML's grid 1..11 (five noisy forwards a row instead of ten; see docs/diagnostics/udml.md).
         noise_step: noise std at level l is ``noise_step * (l - 1)`` times the modality's data std.
         ig_steps: Integrated-Gradients steps of the first pass over each attributed row.
         ig_max_steps: most steps a row is refined to (steps grow 4x per round).
@@ -59,14 +64,15 @@ class CollectSettings:
     max_feature_samples: int = 2000
     max_grad_samples: int = 2048
     grad_fraction: float = 0.125
-    param_grad_fraction: float = 0.0625
+    param_grad_fraction: float = 1 / 32
+    param_grad_rows: int = 16
     noise_fraction: float = 1 / 128
     max_noise_samples: int = 1000
     max_attribution_samples: int = 256
-    attribution_fraction: float = 1 / 64
+    attribution_fraction: float = 1 / 128
     stats_samples: int = 2048
     permutations: int = 5
-    noise_levels: tuple[int, ...] = tuple(range(1, 12))
+    noise_levels: tuple[int, ...] = (1, 3, 5, 7, 9, 11)
     noise_step: float = 0.2
     ig_steps: int = 8
     ig_max_steps: int = 128

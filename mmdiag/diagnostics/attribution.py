@@ -57,7 +57,7 @@ class Attribution(Diagnostic):
     backward) per attributed row: rows start at ``ig_steps`` (8) and a row whose completeness gap
     exceeds ``ig_tolerance`` (5% of its logit change) is redone with 4x the steps, up to
     ``ig_max_steps`` (128); ``details.ig_steps_used`` counts the rows that ended at each step count.
-    The attributed rows are N/64 of the data, at least 32 and at most 256 (``attribution_fraction``,
+    The attributed rows are N/128 of the data, at least 32 and at most 256 (``attribution_fraction``,
     ``max_attribution_samples``). Source: captum ``IntegratedGradients``
     (Sundararajan et al., 2017).
     """

@@ -77,9 +77,10 @@ class Udml(Diagnostic):
     (through the means over k).
 
     Cost: the evidence costs L - 1 forwards of each modality's encoder per row of the noise
-    subsample (the clean level is the main pass's; L levels, default 11; N/128 rows, at least 192,
-    at most ``max_noise_samples``); the diagnostic fits M small MLPs (gradients written out, about
-    70 ms per modality on 134 x 11 training rows of 21 live dimensions). Source: UDML (Wei et al., CVPR 2026
+    subsample (the clean level is the main pass's; L levels, default 6, the odd levels of UDML's
+    1..11; N/128 rows, at least 192, at most ``max_noise_samples``); the diagnostic fits M small
+    MLPs (gradients written out, about 60 ms per modality on 134 x 6 training rows of 32
+    dimensions). Source: UDML (Wei et al., CVPR 2026
     Findings), repository shicaiwei123/UDML, ``models/basic_model.py`` (AVClassifier_AUXI_UDML)
     and ``main_auxi_weight_udml.py``.
     """
