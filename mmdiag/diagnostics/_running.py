@@ -11,8 +11,8 @@ thread got there first. A diagnostic that reads ``prior`` waits for the results 
 main thread has finished its own list, it computes the concurrent diagnostics the worker has not
 started yet (from the back of the queue) rather than wait.
 
-A diagnostic may also hand independent pieces of its work (``probe``'s and ``udml``'s fits, one per
-modality) to :func:`~mmdiag.runtime.threads.share`: a thread that would otherwise wait (the main
+A diagnostic may also hand independent pieces of its work (``probe``'s fits, one per modality) to
+:func:`~mmdiag.runtime.threads.share`: a thread that would otherwise wait (the main
 thread at the end of its list or waiting for a result it reads, the worker with its queue done)
 takes the pieces not yet started, so three fits are split between two threads instead of queued
 on one.

@@ -202,3 +202,24 @@ def test_spearman_matches_scipy_with_ties():
         b[:10] = b[10:20]
         assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
     assert math.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_regressors_fitted_side_by_side_equal_each_fitted_alone():
+    """The batched fit of several regressors (inputs of different widths, a dead column) gives each
+    the weights of its own fit, to float32 rounding over a short fit, and leaves the dead column's
+    first-layer weights at their initial values."""
+    from mmdiag.diagnostics._probes import NoiseRegressor, fit_noise_regressors
+
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(90, d)).astype(np.float32) for d in (6, 3, 9)]
+    xs[2][:, 4] = 0.0
+    target = np.repeat(np.arange(1.0, 12.0, 2.0), 15)
+    together = fit_noise_regressors(xs, target, hidden=8, steps=20, lr=1e-2, seeds=[3, 4, 5])
+    for j, x in enumerate(xs):
+        (alone,) = fit_noise_regressors([x], target, hidden=8, steps=20, lr=1e-2, seeds=[3 + j])
+        assert together[j].body[0].weight.shape == (8, x.shape[1])
+        for ours, theirs in zip(together[j].parameters(), alone.parameters()):
+            assert torch.allclose(ours, theirs, atol=1e-6, rtol=1e-5)
+    start = NoiseRegressor.seeded(9, 8, seed=5)
+    assert torch.equal(together[2].body[0].weight[:, 4], start.body[0].weight[:, 4])
+    assert not torch.equal(together[2].body[0].weight[:, 3], start.body[0].weight[:, 3])
