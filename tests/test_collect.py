@@ -178,15 +178,15 @@ def test_gradient_and_attribution_subsamples_follow_the_fractions():
     ev = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test),
                  {"grad_x_act", "param_grads", "attribution"}, settings)
     assert ev.grad_rows.numel() == 300 and ev.attribution_rows.numel() == 50  # 0.75 x 400; 0.2 x 400 capped at 50
-    # parameter gradients: 400 / 16 = 25 rows, raised to the floor of 64
-    assert ev.meta["subsample_rows"] == {"grad": 300, "param_grad": 64, "attribution": 50}
-    assert int(ev.grad_batch_sizes.sum()) == 64 and ev.grad_cosine.shape == (ev.grad_batch_sizes.numel(), 2)
+    # parameter gradients: 400 / 32 = 13 rows, raised to the floor of 80
+    assert ev.meta["subsample_rows"] == {"grad": 300, "param_grad": 80, "attribution": 50}
+    assert int(ev.grad_batch_sizes.sum()) == 80 and ev.grad_cosine.shape == (ev.grad_batch_sizes.numel(), 2)
     assert len(set(ev.grad_rows.tolist())) == 300
-    # 64 rows need all four batches, so they are spread over them: a pick from the feature-gradient
+    # 80 rows need all four batches, so they are spread over them: a pick from the feature-gradient
     # rows' permutation (slices of 16 rows in a subset of the batches: tests/test_param_grad_slices.py)
     from mmdiag.collect import pick as _pick
 
-    assert _pick(400, 64, 12) <= _pick(400, 300, 12)
+    assert _pick(400, 80, 12) <= _pick(400, 300, 12)
     wide = collect(ModelAdapter(model, tuple(names)), dataset_from_arrays(test), {"param_grads"},
                    CollectSettings(device="cpu", batch_size=128, grad_fraction=0.75, param_grad_fraction=0.5))
     assert int(wide.grad_batch_sizes.sum()) == 200 and wide.meta["subsample_rows"]["param_grad"] == 200

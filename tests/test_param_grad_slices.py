@@ -51,11 +51,11 @@ def test_collected_cosines_are_over_equal_slices():
     model = trained_toy((3.0, 0.8))
     test = toy_split((3.0, 0.8))[1]  # 400 rows
     names = tuple(k for k in test if k != "label")
-    # 64 rows (the floor) as 8 rows from 8 of the 13 batches of 32
+    # 80 rows (the floor) as 8 rows from 10 of the 13 batches of 32
     ev = collect(ModelAdapter(model, names), dataset_from_arrays(test), {"param_grads"},
                  CollectSettings(device="cpu", batch_size=32, param_grad_rows=8))
-    assert ev.grad_batch_sizes.tolist() == [8] * 8 and ev.grad_cosine.shape == (8, 2)
-    assert ev.meta["subsample_rows"]["param_grad"] == 64
+    assert ev.grad_batch_sizes.tolist() == [8] * 10 and ev.grad_cosine.shape == (10, 2)
+    assert ev.meta["subsample_rows"]["param_grad"] == 80
     # a share that needs every batch spreads its rows over all 13
     wide = collect(ModelAdapter(model, names), dataset_from_arrays(test), {"param_grads"},
                    CollectSettings(device="cpu", batch_size=32, grad_fraction=1.0, param_grad_fraction=0.5,

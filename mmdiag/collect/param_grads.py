@@ -23,8 +23,9 @@ from mmdiag.collect.sampling import pick_slices, rows_in, subsample_size, take
 from mmdiag.errors import EvidenceError
 from mmdiag.evidence import Evidence, EvidenceKind, FieldSpec
 
-#: fewest rows of parameter-gradient evidence, whatever the fraction.
-PARAM_GRAD_FLOOR = 64
+#: fewest rows of parameter-gradient evidence, whatever the fraction: five batches of 16 rows (an
+#: interval that rests on fewer than five batches is reported as too wide to read).
+PARAM_GRAD_FLOOR = 80
 
 
 def _merge_norm(parts: Sequence[Evidence]) -> Tensor | None:

@@ -36,7 +36,7 @@ class GradientConflict(Diagnostic):
     the toy models after 1 epoch, DOMINANT audio/visual 0.93-0.96 / 0.07-0.63; converged, both
     anywhere in -0.6..0.97). Cost: 1 forward, M fusion-head calls and 2 backward passes (M + 1
     when encoders share parameters) per gradient batch, on the parameter-gradient subsample only
-    (N/32 rows, at least 64, as 16 rows from each of a seeded set of batches: ``param_grad_fraction``,
+    (N/32 rows, at least 80, as 16 rows from each of a seeded set of batches: ``param_grad_fraction``,
     ``param_grad_rows``). Source: MMPareto (GeWu-Lab/MMPareto_ICML2024, ``code/MMPareto.py``).
     """
 
