@@ -37,7 +37,8 @@ from mmdiag.tensors import map_tensors, tensor_leaves
 
 #: fewest rows corrupted at every noise level, whatever the fraction. The udml estimator is fitted
 #: on 70% of them and read on the rest; with fewer rows its held-out Spearman comes out low (on the
-#: demo data, visual: 0.48 with 64 rows, 0.51 with 128, 0.61-0.64 with 192, 0.71 with all 539).
+#: demo data, visual, all 11 levels: 0.48 with 64 rows, 0.51 with 128, 0.61-0.64 with 192, 0.71 with
+#: all 539; on the default 6 levels 0.59 with 192).
 NOISE_FLOOR = 192
 
 

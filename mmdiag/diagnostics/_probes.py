@@ -248,10 +248,11 @@ class _Workspace:
     """The inputs [M, n, D] (live columns, zero-padded) and the buffers of one training step
     (allocated once: a fresh block of this size each step would cost more than the arithmetic)."""
 
-    def __init__(self, xs: Sequence[np.ndarray], lives: Sequence[torch.Tensor], d: int, hidden: int) -> None:
+    def __init__(self, xs: Sequence[np.ndarray], weights: _Weights) -> None:
         m, n = len(xs), int(xs[0].shape[0])
+        _, d, hidden = weights.params[0].shape
         self.x = torch.zeros(m, n, d)
-        for j, (x, live) in enumerate(zip(xs, lives)):
+        for j, (x, live) in enumerate(zip(xs, weights.lives)):
             self.x[j, :, :len(live)] = torch.as_tensor(np.asarray(x)[:, live.numpy()], dtype=torch.float32)
         self.x_t = self.x.transpose(1, 2).contiguous()
         self.h = torch.empty(m, n, hidden)
@@ -347,7 +348,7 @@ def fit_noise_regressors(xs: Sequence[np.ndarray], target: np.ndarray, hidden: i
         return []
     weights = _Weights(models, [live_columns(x) for x in xs], bias)
     with one_thread():
-        ws = _Workspace(xs, weights.lives, weights.params[0].shape[1], hidden)
+        ws = _Workspace(xs, weights)
         _train(weights, ws, tt, scale, steps, lr)
     weights.write_to(models)
     return [m.eval() for m in models]
