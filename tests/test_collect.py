@@ -294,3 +294,45 @@ def test_noise_features_match_full_forwards_on_the_corrupted_inputs(monkeypatch,
                    CollectSettings(device="cpu", batch_size=64, noise_fraction=0.8, noise_levels=(1, 2)))
     expected = min(max(noise.NOISE_FLOOR, 240), 300)  # the fraction's 0.8 x 300 rows, raised to the floor, within N
     assert wide.noise_rows.numel() == expected and len(set(wide.noise_rows.tolist())) == expected
+
+
+def test_feature_gradients_sum_over_every_tensor_of_a_structured_output():
+    from mmdiag.collect.gradients import feature_gradients
+
+    class Enc(torch.nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            seq = self.lin(x)
+            return seq, seq.tanh()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.text_model = Enc(torch.nn.Linear(4, 6))
+            self.image_net = torch.nn.Linear(5, 6)
+            self.head = torch.nn.Linear(12, 3)
+
+        def forward(self, batch):
+            _, pooled = self.text_model(batch["text"])
+            return self.head(torch.cat([pooled, self.image_net(batch["image"])], 1))
+
+    model = Net().eval()
+    inputs = {"text": torch.randn(10, 4), "image": torch.randn(10, 5)}
+    labels = torch.randint(0, 3, (10,))
+    adapter = ModelAdapter(model, ("text", "image"), call="dict",
+                           encoders={"text": "text_model", "image": "image_net"})
+    adapter.verify(inputs)
+    got = feature_gradients(adapter, inputs, labels)["grad_x_act"]
+    # by hand: the head reads the pooled tensor only, so text's term is |d margin / d pooled . pooled|
+    _, pooled = model.text_model(inputs["text"])
+    pooled = pooled.detach().requires_grad_(True)
+    image = model.image_net(inputs["image"]).detach().requires_grad_(True)
+    z = model.head(torch.cat([pooled, image], 1))
+    margin = (z.gather(1, labels[:, None])[:, 0] - z.mean(1)).sum()
+    g_text, g_image = torch.autograd.grad(margin, [pooled, image])
+    expected = torch.stack([(g_text * pooled).sum(1).abs(), (g_image * image).sum(1).abs()], 1)
+    assert torch.allclose(got, expected.detach(), atol=1e-6) and bool((got[:, 0] > 0).all())

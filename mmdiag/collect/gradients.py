@@ -18,7 +18,7 @@ from mmdiag.collect.producer import Batch, Producer, register_producer
 from mmdiag.collect.sampling import pick, rows_in, subsample_size, take
 from mmdiag.evidence import EvidenceKind, FieldSpec
 from mmdiag.stats import true_class_margin
-from mmdiag.tensors import first_tensor, map_tensors
+from mmdiag.tensors import map_tensors, tensor_leaves
 
 #: fewest rows of feature-gradient evidence, whatever the fraction.
 GRAD_FLOOR = 128
@@ -34,6 +34,11 @@ def feature_gradients(adapter: Any, inputs: Mapping[str, Tensor], labels: Tensor
                       feats: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
     """[b, M] gradient x activation of each encoder output for the margin and the loss targets.
 
+    Per row, |sum over the elements of modality m's encoder output of (d target / d h) * h|: with a
+    structured output (a tuple or dict, as Hugging Face encoders return) the sum runs over every
+    tensor of it, so a head that reads only one of them (the pooled output, say) gets that one's
+    term, not a zero from a tensor it never reads.
+
     ``feats``: the encoder outputs of these rows from the main pass, when it has them (saves an
     encoder forward: only the fusion head runs, forward and backward).
     """
@@ -45,7 +50,10 @@ def feature_gradients(adapter: Any, inputs: Mapping[str, Tensor], labels: Tensor
                 _, feats = a.encode(inputs)
         leaves = {m: map_tensors(lambda t: t.detach().float().requires_grad_(True), feats[m]) for m in a.modalities}
         z = a.head_forward(inputs, leaves).float()
-        tensors = [first_tensor(leaves[m]) for m in a.modalities]
+        # every tensor of each output that carries one row per sample (a head may read any of them)
+        per_modality = [[t for t in tensor_leaves(leaves[m]) if t.dim() and t.shape[0] == z.shape[0]]
+                        for m in a.modalities]
+        tensors = [t for ts in per_modality for t in ts]
         # Two first-order targets, both head-only backwards on the cached features: the centred
         # true-class logit margin z_y - mean_k z_k (mdi's default: it does not vanish on
         # confidently correct samples) and the fused cross-entropy (the literal proposal).
@@ -53,8 +61,13 @@ def feature_gradients(adapter: Any, inputs: Mapping[str, Tensor], labels: Tensor
         loss = F.cross_entropy(z, labels, reduction="sum")
         for key, target in (("grad_x_act", margin), ("grad_x_loss", loss)):
             grads = torch.autograd.grad(target, tensors, allow_unused=True, retain_graph=key == "grad_x_act")
-            gxa = [torch.zeros(h.shape[0], device=h.device) if g is None else (g * h).flatten(1).sum(1).abs()
-                   for h, g in zip(tensors, grads)]
+            terms = [torch.zeros(h.shape[0], device=h.device) if g is None else (g * h).flatten(1).sum(1)
+                     for h, g in zip(tensors, grads)]
+            gxa, start = [], 0
+            for ts in per_modality:  # a modality's terms, summed over the tensors of its output
+                part = terms[start:start + len(ts)]
+                start += len(ts)
+                gxa.append(torch.stack(part).sum(0).abs() if part else torch.zeros(z.shape[0], device=z.device))
             out[key] = torch.stack(gxa, dim=1).detach().cpu()
     return out
 
